@@ -1,0 +1,312 @@
+//! One renewal task per `Locker`: renews every held lease at ttl/3 in batches, stops at
+//! `max_hold`, and marks a lease lost when a renewal says so or its validity passes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::{Lease, LockBackend, LossReason};
+
+/// A held lease's state as its guard sees it.
+#[derive(Clone, Debug)]
+pub(crate) enum Status {
+    /// Held and surely valid until this instant.
+    Held { valid_until: Instant },
+    /// Lost; the watchdog no longer renews it.
+    Lost(LossReason),
+    /// Released through its guard.
+    Released,
+}
+
+pub(crate) struct Watchdog {
+    backend: Arc<dyn LockBackend>,
+    store: &'static str,
+    registry: Mutex<Registry>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    held: HashMap<u64, Held>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// No `Locker` handle is left: the task ends once the last guard is gone.
+    closed: bool,
+}
+
+struct Held {
+    lease: Lease,
+    ttl: Duration,
+    hold_until: Option<Instant>,
+    next_renew: Instant,
+    renewing: bool,
+    /// The last renewal (capped at `hold_until`) has been sent: renew no more.
+    final_renewal_sent: bool,
+    status: watch::Sender<Status>,
+}
+
+impl Held {
+    /// The TTL to renew with now, or `None` when `max_hold` forbids renewing.
+    fn renewal_ttl(&mut self, now: Instant) -> Option<Duration> {
+        if self.final_renewal_sent {
+            return None;
+        }
+        let Some(hold_until) = self.hold_until else {
+            return Some(self.ttl);
+        };
+        let left = hold_until.saturating_duration_since(now);
+        if left >= self.ttl {
+            return Some(self.ttl);
+        }
+        self.final_renewal_sent = true;
+        (left >= crate::AcquireRequest::MIN_TTL).then_some(left)
+    }
+}
+
+type Batch = Vec<(u64, Lease, Duration)>;
+type BatchOutcome = (Batch, Instant, Option<Vec<crate::Result<Lease>>>);
+type InFlight = Pin<Box<dyn Future<Output = BatchOutcome> + Send>>;
+
+/// How long to wait before retrying a renewal that failed for a temporary reason.
+fn retry_delay(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_millis(1), Duration::from_secs(1))
+}
+
+impl std::fmt::Debug for Watchdog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watchdog")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watchdog {
+    pub(crate) fn new(backend: Arc<dyn LockBackend>) -> Arc<Self> {
+        let store = backend.capabilities().store;
+        Arc::new(Self {
+            backend,
+            store,
+            registry: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    pub(crate) fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.backend
+    }
+
+    pub(crate) fn store(&self) -> &'static str {
+        self.store
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // A panic while holding this lock cannot leave the map inconsistent (every
+        // update is a single insert/remove/field write), so poisoning is ignored.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts renewing `lease` every `ttl/3` until it is deregistered, lost, or
+    /// `max_hold` after now.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        lease: Lease,
+        ttl: Duration,
+        max_hold: Option<Duration>,
+    ) -> (u64, watch::Receiver<Status>) {
+        let now = Instant::now();
+        let (status, receiver) = watch::channel(Status::Held {
+            valid_until: lease.valid_until(),
+        });
+        let mut registry = self.registry();
+        registry.next_id += 1;
+        let id = registry.next_id;
+        registry.held.insert(
+            id,
+            Held {
+                lease,
+                ttl,
+                hold_until: max_hold.map(|d| now + d),
+                next_renew: now + ttl / 3,
+                renewing: false,
+                final_renewal_sent: false,
+                status,
+            },
+        );
+        let running = registry.task.as_ref().is_some_and(|t| !t.is_finished());
+        if !running {
+            registry.task = Some(tokio::spawn(Arc::clone(self).run()));
+        }
+        drop(registry);
+        self.wake.notify_one();
+        (id, receiver)
+    }
+
+    /// Stops renewing `id`. Returns whether it was still held (not lost) at this moment.
+    pub(crate) fn deregister(&self, id: u64) -> bool {
+        let removed = self.registry().held.remove(&id);
+        self.wake.notify_one();
+        match removed {
+            Some(held) => {
+                let valid = Instant::now() < held.lease.valid_until();
+                held.status.send_replace(Status::Released);
+                valid
+            }
+            None => false,
+        }
+    }
+
+    /// The last `Locker` handle is gone: end the task once no guard is left.
+    pub(crate) fn close(&self) {
+        self.registry().closed = true;
+        self.wake.notify_one();
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        loop {
+            let (batch, next_wake, done) = self.scan();
+            if done && in_flight.is_empty() {
+                return;
+            }
+            if !batch.is_empty() {
+                in_flight.push(Box::pin(self.renew(batch)));
+            }
+            let sleep = tokio::time::sleep_until(
+                next_wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            );
+            tokio::select! {
+                () = sleep => {}
+                () = self.wake.notified() => {}
+                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => self.apply(outcome),
+            }
+        }
+    }
+
+    /// Marks expired leases lost, collects the renewals now due, and says when to look
+    /// again.
+    fn scan(&self) -> (Batch, Option<Instant>, bool) {
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut ended_by_max_hold = Vec::new();
+        let mut registry = self.registry();
+        registry.held.retain(|&id, held| {
+            if now >= held.lease.valid_until() {
+                let reason = if held.final_renewal_sent {
+                    ended_by_max_hold.push(held.lease.clone());
+                    LossReason::MaxHoldReached
+                } else {
+                    LossReason::Expired
+                };
+                self.report_lost(held, reason);
+                return false;
+            }
+            if !held.renewing && now >= held.next_renew {
+                if let Some(ttl) = held.renewal_ttl(now) {
+                    held.renewing = true;
+                    batch.push((id, held.lease.clone(), ttl));
+                }
+            }
+            if !held.renewing && !held.final_renewal_sent {
+                next = Some(next.map_or(held.next_renew, |n| n.min(held.next_renew)));
+            }
+            let until = held.lease.valid_until();
+            next = Some(next.map_or(until, |n| n.min(until)));
+            true
+        });
+        let done = registry.closed && registry.held.is_empty();
+        drop(registry);
+        // Session stores have no TTL to end a grant: release what max_hold ended.
+        for lease in ended_by_max_hold {
+            let backend = Arc::clone(&self.backend);
+            tokio::spawn(async move {
+                let _ = backend.release(&lease).await;
+            });
+        }
+        (batch, next, done)
+    }
+
+    fn renew(&self, batch: Batch) -> impl Future<Output = BatchOutcome> + Send + 'static {
+        let backend = Arc::clone(&self.backend);
+        let span =
+            tracing::debug_span!("fencelock.renew", store = self.store, leases = batch.len());
+        // Bounded so a hung store cannot pin the batch forever; expiry is judged by
+        // `scan` from each lease's own validity regardless.
+        let limit = batch
+            .iter()
+            .map(|(_, _, ttl)| *ttl)
+            .max()
+            .unwrap_or_default();
+        async move {
+            let sent = Instant::now();
+            let leases: Vec<(Lease, Duration)> = batch
+                .iter()
+                .map(|(_, lease, ttl)| (lease.clone(), *ttl))
+                .collect();
+            let results = tokio::time::timeout(limit, backend.renew_all(&leases))
+                .await
+                .ok();
+            (batch, sent, results)
+        }
+        .instrument(span)
+    }
+
+    fn apply(&self, (batch, sent, results): BatchOutcome) {
+        let now = Instant::now();
+        let mut registry = self.registry();
+        let Some(results) = results else {
+            for (id, lease, _) in &batch {
+                if let Some(held) = registry.held.get_mut(id) {
+                    tracing::warn!(lock = %lease.name(), store = self.store, "fencelock renewal timed out; retrying");
+                    held.renewing = false;
+                    held.next_renew = now + retry_delay(held.ttl);
+                }
+            }
+            drop(registry);
+            self.wake.notify_one();
+            return;
+        };
+        for ((id, _, _), result) in batch.iter().zip(results) {
+            let Some(held) = registry.held.get_mut(id) else {
+                continue; // released or lost meanwhile
+            };
+            held.renewing = false;
+            match result {
+                Ok(renewed) => {
+                    held.next_renew = sent + held.ttl / 3;
+                    held.lease = held.lease.clone().renewed(renewed.valid_until());
+                    held.status.send_replace(Status::Held {
+                        valid_until: renewed.valid_until(),
+                    });
+                }
+                Err(err) if err.is_lost() => {
+                    if let Some(held) = registry.held.remove(id) {
+                        self.report_lost(&held, LossReason::NotOurs);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(lock = %held.lease.name(), store = self.store, error = %err, "fencelock renewal failed; retrying");
+                    held.next_renew = now + retry_delay(held.ttl);
+                }
+            }
+        }
+    }
+
+    fn report_lost(&self, held: &Held, reason: LossReason) {
+        tracing::warn!(
+            lock = %held.lease.name(),
+            store = self.store,
+            token = held.lease.token().0,
+            %reason,
+            "fencelock lock lost"
+        );
+        held.status.send_replace(Status::Lost(reason));
+    }
+}
