@@ -11,6 +11,10 @@ use tracing::Instrument;
 use crate::watchdog::{Status, Watchdog};
 use crate::{Error, FencingToken, Lease, LockName, LossReason, Result};
 
+/// How long after a lease's validity `lost()` reports it lost by itself when the
+/// watchdog has not reported anything.
+const LOST_FALLBACK_GRACE: Duration = Duration::from_millis(10);
+
 /// A cheap, cloneable view of a held lock, for moving into the work it protects.
 ///
 /// It answers the same questions as its [`LockGuard`] but cannot release the lock.
@@ -84,9 +88,10 @@ impl HeldLock {
                                     return std::future::pending().await;
                                 }
                             }
-                            // Even if the watchdog could not run, validity that passed
-                            // without a renewal is a loss.
-                            () = tokio::time::sleep_until(valid_until) => {
+                            // Even if the watchdog cannot run (its runtime is gone),
+                            // validity that passed without a renewal is a loss. The grace
+                            // lets a running watchdog report the precise reason first.
+                            () = tokio::time::sleep_until(valid_until + LOST_FALLBACK_GRACE) => {
                                 let still = matches!(*status.borrow(), Status::Held { valid_until: v } if v == valid_until);
                                 if still {
                                     return lost(LossReason::Expired);

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command: installs whatever is missing, then checks and tests
+# everything. Run from anywhere:
+#
+#   scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-stores.sh
+
+echo "== fmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== facade without default features (feature-off errors)"
+cargo test -p fencelock --no-default-features --quiet
+echo "== doc tests"
+cargo test --workspace --doc --quiet
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --profile ci
+else
+    cargo test --workspace
+fi
