@@ -14,7 +14,7 @@ use fencelock_core::{Error, Result};
 /// missing; its directory must exist.
 ///
 /// URL options (all optional): `table`, `fence_table`, `prefix`, `busy_timeout`
-/// (`500ms`, `5s`, ...), `pool_size`. Each field below documents its default.
+/// (`500ms`, `5s`, ...), `pool_size`, `poll_min`, `poll_max`. Each field below documents its default.
 /// Nothing here is secret, so the derived `Debug` shows it all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -37,6 +37,12 @@ pub struct SqliteConfig {
     /// Connections in this process's pool. Default 4; SQLite runs one write at a time
     /// anyway, so more rarely helps.
     pub pool_size: u32,
+    /// The first pause of a waiter polling a held lock; it doubles up to `poll_max`.
+    /// Default 5 ms.
+    pub poll_min: Duration,
+    /// The longest pause between two polls of a held lock. Default 250 ms. A pause
+    /// never outlasts the holder's remaining time or the waiter's deadline.
+    pub poll_max: Duration,
 }
 
 impl SqliteConfig {
@@ -48,6 +54,10 @@ impl SqliteConfig {
     pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
     /// The default pool size.
     pub const DEFAULT_POOL_SIZE: u32 = 4;
+    /// The default first polling pause.
+    pub const DEFAULT_POLL_MIN: Duration = Duration::from_millis(5);
+    /// The default longest polling pause.
+    pub const DEFAULT_POLL_MAX: Duration = Duration::from_millis(250);
     /// The longest busy timeout accepted.
     pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(3600);
     /// The largest pool accepted.
@@ -55,8 +65,15 @@ impl SqliteConfig {
     /// The longest prefix accepted, in bytes.
     pub const MAX_PREFIX_LEN: usize = 256;
     /// The URL options [`from_url`](Self::from_url) understands.
-    pub const OPTIONS: &'static [&'static str] =
-        &["table", "fence_table", "prefix", "busy_timeout", "pool_size"];
+    pub const OPTIONS: &'static [&'static str] = &[
+        "table",
+        "fence_table",
+        "prefix",
+        "busy_timeout",
+        "pool_size",
+        "poll_min",
+        "poll_max",
+    ];
 
     /// A configuration for the database file at `path` with every other field at its
     /// default.
@@ -68,6 +85,8 @@ impl SqliteConfig {
             prefix: String::new(),
             busy_timeout: Self::DEFAULT_BUSY_TIMEOUT,
             pool_size: Self::DEFAULT_POOL_SIZE,
+            poll_min: Self::DEFAULT_POLL_MIN,
+            poll_max: Self::DEFAULT_POLL_MAX,
         }
     }
 
@@ -130,6 +149,12 @@ impl SqliteConfig {
                 ))
             })?;
         }
+        if let Some(pause) = url.take_duration("poll_min")? {
+            config.poll_min = pause;
+        }
+        if let Some(pause) = url.take_duration("poll_max")? {
+            config.poll_max = pause;
+        }
         url.finish(Self::OPTIONS)?;
         config.validate()?;
         Ok(config)
@@ -167,6 +192,16 @@ impl SqliteConfig {
             return Err(Error::config(format!(
                 "busy_timeout {:?} is too long: at most 1h (default 5s)",
                 self.busy_timeout
+            )));
+        }
+        if self.poll_min < Duration::from_millis(1)
+            || self.poll_min > self.poll_max
+            || self.poll_max > Self::MAX_BUSY_TIMEOUT
+        {
+            return Err(Error::config(format!(
+                "poll_min {:?} and poll_max {:?} are not usable: give 1ms <= poll_min <= poll_max <= 1h \
+                 (defaults 5ms and 250ms)",
+                self.poll_min, self.poll_max
             )));
         }
         if self.pool_size == 0 || self.pool_size > Self::MAX_POOL_SIZE {
@@ -254,9 +289,18 @@ mod tests {
     #[test]
     fn relative_absolute_and_percent_encoded_paths_are_kept_as_written() {
         let path = |url| SqliteConfig::from_url(url).unwrap().path;
-        assert_eq!(path("sqlite://data/locks.db"), PathBuf::from("data/locks.db"));
-        assert_eq!(path("sqlite:///var/lib/a.db"), PathBuf::from("/var/lib/a.db"));
-        assert_eq!(path("SQLITE://my%20dir/a%3F.db"), PathBuf::from("my dir/a?.db"));
+        assert_eq!(
+            path("sqlite://data/locks.db"),
+            PathBuf::from("data/locks.db")
+        );
+        assert_eq!(
+            path("sqlite:///var/lib/a.db"),
+            PathBuf::from("/var/lib/a.db")
+        );
+        assert_eq!(
+            path("SQLITE://my%20dir/a%3F.db"),
+            PathBuf::from("my dir/a?.db")
+        );
     }
 
     #[test]
@@ -295,7 +339,10 @@ mod tests {
     fn in_memory_and_uri_filenames_are_refused_pointing_at_alternatives() {
         for url in ["sqlite://:memory:", "sqlite://file:x.db?mode=memory"] {
             let err = config_error(url);
-            assert!(err.contains("memory://") && err.contains("plain file path"), "{err}");
+            assert!(
+                err.contains("memory://") && err.contains("plain file path"),
+                "{err}"
+            );
         }
     }
 
@@ -306,8 +353,13 @@ mod tests {
             assert!(err.contains("start with a letter or `_`"), "{table}: {err}");
         }
         let err = config_error("sqlite://l.db?fence_table=Sqlite_x");
-        assert!(err.contains("reserves") && err.contains("fence_table"), "{err}");
-        assert!(SqliteConfig::from_url(&format!("sqlite://l.db?table=_{}", "a".repeat(62))).is_ok());
+        assert!(
+            err.contains("reserves") && err.contains("fence_table"),
+            "{err}"
+        );
+        assert!(
+            SqliteConfig::from_url(&format!("sqlite://l.db?table=_{}", "a".repeat(62))).is_ok()
+        );
     }
 
     #[test]
@@ -325,14 +377,36 @@ mod tests {
     }
 
     #[test]
+    fn poll_pauses_are_read_and_bad_ones_refused() {
+        let config = SqliteConfig::from_url("sqlite://l.db?poll_min=1ms&poll_max=2s").unwrap();
+        assert_eq!(
+            (config.poll_min, config.poll_max),
+            (Duration::from_millis(1), Duration::from_secs(2))
+        );
+        for bad in ["poll_min=0ms", "poll_min=2s&poll_max=1s", "poll_max=2h"] {
+            let err = config_error(&format!("sqlite://l.db?{bad}"));
+            assert!(
+                err.contains("poll_min") && err.contains("250ms"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_busy_timeouts_and_pool_sizes_are_refused() {
         let err = config_error("sqlite://l.db?busy_timeout=5");
-        assert!(err.contains("busy_timeout") && err.contains("500ms"), "{err}");
+        assert!(
+            err.contains("busy_timeout") && err.contains("500ms"),
+            "{err}"
+        );
         let err = config_error("sqlite://l.db?busy_timeout=2h");
         assert!(err.contains("at most 1h"), "{err}");
         for size in ["0", "65", "many", "-1"] {
             let err = config_error(&format!("sqlite://l.db?pool_size={size}"));
-            assert!(err.contains("pool_size") && err.contains("64"), "{size}: {err}");
+            assert!(
+                err.contains("pool_size") && err.contains("64"),
+                "{size}: {err}"
+            );
         }
     }
 

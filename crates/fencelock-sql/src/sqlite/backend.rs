@@ -20,10 +20,6 @@ use super::wake::Wakers;
 use super::{STORE, db_error, is_temporary, open_pool};
 use crate::{SqliteConfig, SqliteFenceGate};
 
-/// The first pause between two polls of a held lock.
-const FIRST_POLL: Duration = Duration::from_millis(5);
-/// The longest pause between two polls of a held lock.
-const MAX_POLL: Duration = Duration::from_millis(250);
 /// Leases per `renew_all` statement: 4 bound values each, far below SQLite's limit.
 const RENEW_BATCH: usize = 500;
 
@@ -50,12 +46,15 @@ const RENEW_BATCH: usize = 500;
 /// statement, and rows are kept after release so the counter lives on. A row created
 /// anew (first use of a name, or after an operator deleted it or the whole file was
 /// lost) starts from the database clock in microseconds, so tokens keep rising across
-/// such losses **as long as the host's clock does not go back** and a name is granted
-/// fewer than about a thousand times per millisecond.
+/// such losses **as long as the host's clock does not go back**. SQLite reads the clock
+/// in milliseconds, so the guarantee also needs fewer than about a thousand grants of
+/// one name per millisecond, and a row not re-created within the millisecond it was
+/// created in.
 ///
 /// # Waiting
-/// [`WaitKind::Poll`]: a waiter retries with exponential backoff and jitter (5 ms
-/// growing to 250 ms), never sleeping past the holder's remaining time (read from the
+/// [`WaitKind::Poll`]: a waiter retries with exponential backoff and jitter
+/// ([`poll_min`](SqliteConfig::poll_min) 5 ms growing to
+/// [`poll_max`](SqliteConfig::poll_max) 250 ms by default), never sleeping past the holder's remaining time (read from the
 /// database) or its own deadline. A release in this process wakes this process's
 /// waiters on the name at once (clones share one `SqliteBackend`); waiters in other
 /// processes notice at their next poll. Not FIFO.
@@ -206,9 +205,7 @@ impl SqliteBackend {
 
     /// One attempt to take the lock: `Some` lease if granted, `None` if held.
     async fn try_grant(&self, req: &AcquireRequest, key: &str) -> Result<Option<Lease>> {
-        let conn = self
-            .connection(format!("acquire `{}`", req.name))
-            .await?;
+        let conn = self.connection(format!("acquire `{}`", req.name)).await?;
         let mut in_flight = InFlight {
             backend: self,
             key,
@@ -243,11 +240,11 @@ impl SqliteBackend {
             .bind(key)
             .fetch_optional(&self.inner.pool)
             .await
-            .map_err(|err| self.failed(format_args!("inspect `{name}`"), err))?;
+            .map_err(|err| self.failed(format_args!("read the holder of `{name}`"), err))?;
         let Some(row) = row else {
             return Ok(None);
         };
-        let read = |err| self.failed(format_args!("inspect `{name}`"), err);
+        let read = |err| self.failed(format_args!("read the holder of `{name}`"), err);
         let owner: String = row.try_get(0).map_err(read)?;
         let remaining_ms: i64 = row.try_get(2).map_err(read)?;
         Ok(Some(LockState {
@@ -277,7 +274,11 @@ impl SqliteBackend {
             .map(|(lease, ttl)| match &renewed {
                 Ok((sent, rows)) => {
                     let row = stored_token(lease).map(|token| {
-                        (self.key(lease.name()), lease.owner().as_str().to_owned(), token)
+                        (
+                            self.key(lease.name()),
+                            lease.owner().as_str().to_owned(),
+                            token,
+                        )
                     });
                     if row.is_some_and(|row| rows.contains(&row)) {
                         Ok(lease.clone().renewed(valid_until(*sent, *ttl)))
@@ -344,7 +345,8 @@ impl LockBackend for SqliteBackend {
                 .ok_or_else(|| deadline.give_up(&req.name, STORE));
         }
         let waiter = self.inner.wakers.join(&key);
-        let mut backoff = FIRST_POLL;
+        let (poll_min, poll_max) = (self.inner.config.poll_min, self.inner.config.poll_max);
+        let mut backoff = poll_min;
         loop {
             // Made before the attempt, so a release between the attempt and the sleep
             // still wakes this waiter.
@@ -358,10 +360,10 @@ impl LockBackend for SqliteBackend {
             let Some(holder) = self.holder(&key, &req.name).await? else {
                 continue; // Freed since the attempt: try again at once.
             };
-            let held_for = holder.remaining.unwrap_or(MAX_POLL);
+            let held_for = holder.remaining.unwrap_or(poll_max);
             // Wake just after the holder's lease ends, if that comes first.
-            let pause = jittered(backoff).min(if std::env::var("MUT3").is_ok() { MAX_POLL } else { held_for + Duration::from_millis(1) });
-            backoff = (backoff * 2).min(MAX_POLL);
+            let pause = jittered(backoff).min(held_for + Duration::from_millis(1));
+            backoff = (backoff * 2).min(poll_max);
             tracing::debug!(
                 lock = %req.name,
                 store = STORE,
@@ -380,9 +382,7 @@ impl LockBackend for SqliteBackend {
         let Some(token) = stored_token(lease) else {
             return Err(Self::lost(lease));
         };
-        let mut conn = self
-            .connection(format!("renew `{}`", lease.name()))
-            .await?;
+        let mut conn = self.connection(format!("renew `{}`", lease.name())).await?;
         let sent = Instant::now();
         let done = sqlx::query(&self.inner.queries.renew)
             .bind(self.key(lease.name()))
@@ -422,7 +422,7 @@ impl LockBackend for SqliteBackend {
         let Some(row) = row else {
             return Err(Self::lost(lease));
         };
-        if std::env::var("MUT2").is_err() { self.inner.wakers.wake(&key); }
+        self.inner.wakers.wake(&key);
         let was_live: i64 = row.try_get(0).map_err(failed)?;
         if was_live == 0 {
             // Ours but expired: freed all the same, and reported as lost.
@@ -467,7 +467,6 @@ impl Drop for InFlight<'_> {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if std::env::var("MUT1").is_ok() { return; }
         // Without a runtime the grant, if any, ends at its TTL.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;

@@ -97,7 +97,11 @@ mod tests {
             "a waiter on another key was woken"
         );
         drop((a, b));
-        assert_eq!(wakers.len(), 1, "the entry for `k` left with its last waiter");
+        assert_eq!(
+            wakers.len(),
+            1,
+            "the entry for `k` left with its last waiter"
+        );
         drop(other);
         assert_eq!(wakers.len(), 0);
     }
