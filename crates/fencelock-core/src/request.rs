@@ -31,8 +31,9 @@ pub struct AcquireRequest {
 }
 
 impl AcquireRequest {
-    /// The shortest TTL accepted.
-    pub const MIN_TTL: Duration = Duration::from_millis(1);
+    /// The shortest TTL accepted: shorter ones would leave no validity after the drift
+    /// allowance ([`drift_allowance`](crate::drift_allowance): 2 ms + 1%).
+    pub const MIN_TTL: Duration = Duration::from_millis(10);
     /// The longest TTL accepted (30 days).
     pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -64,7 +65,7 @@ impl AcquireRequest {
 pub fn check_ttl(ttl: Duration) -> Result<()> {
     if ttl < AcquireRequest::MIN_TTL {
         return Err(Error::config(format!(
-            "ttl {ttl:?} is too short: a lock needs a TTL of at least 1ms (typical: 10s to 60s; \
+            "ttl {ttl:?} is too short: a lock needs a TTL of at least 10ms (typical: 10s to 60s; \
              the watchdog renews at ttl/3 while the guard lives)"
         )));
     }
@@ -149,9 +150,14 @@ mod tests {
     fn zero_ttl_is_refused_with_the_fix() {
         let err = AcquireRequest::new(LockName::new("a").unwrap(), Duration::ZERO).unwrap_err();
         assert!(matches!(err, Error::Config { .. }));
-        assert!(err.to_string().contains("at least 1ms"), "{err}");
+        assert!(err.to_string().contains("at least 10ms"), "{err}");
         assert!(check_ttl(Duration::from_secs(31 * 24 * 3600)).is_err());
-        assert!(check_ttl(Duration::from_millis(1)).is_ok());
+        assert!(check_ttl(Duration::from_millis(9)).is_err());
+        assert!(check_ttl(Duration::from_millis(10)).is_ok());
+        assert!(
+            crate::valid_until(tokio::time::Instant::now(), AcquireRequest::MIN_TTL)
+                > tokio::time::Instant::now()
+        );
     }
 
     #[test]
