@@ -150,21 +150,18 @@ impl FencedCounter {
         let start = Instant::now();
         let read = self.state().value;
         tokio::task::yield_now().await;
-        let admitted = {
-            let mut state = self.state();
-            let admitted = self.gate.admit_now("counter", token);
-            if admitted.is_ok() {
-                state.value = read + 1;
-            }
-            state.writes.push(Write {
-                holder: holder.to_owned(),
-                token,
-                start,
-                end: Instant::now(),
-                accepted: admitted.is_ok(),
-            });
-            admitted
-        };
+        let mut state = self.state();
+        let admitted = self.gate.admit_now("counter", token);
+        if admitted.is_ok() {
+            state.value = read + 1;
+        }
+        state.writes.push(Write {
+            holder: holder.to_owned(),
+            token,
+            start,
+            end: Instant::now(),
+            accepted: admitted.is_ok(),
+        });
         admitted
     }
 

@@ -135,8 +135,8 @@ async fn serve(listener: TcpListener, upstream: SocketAddr, faults: watch::Recei
 }
 
 async fn relay(mut client: TcpStream, upstream: SocketAddr, mut faults: watch::Receiver<Fault>) {
-    if *faults.borrow() == Fault::Blackhole && !sit_out_blackhole(&mut client, &mut faults).await
-    {
+    let fault = *faults.borrow();
+    if fault == Fault::Blackhole && !sit_out_blackhole(&mut client, &mut faults).await {
         return;
     }
     if *faults.borrow() == Fault::Reset {
@@ -152,8 +152,18 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, mut faults: watch::R
         let (server_read, server_write) = server.split();
         let both_ways = async {
             tokio::try_join!(
-                forward(client_read, server_write, Direction::Requests, faults.clone()),
-                forward(server_read, client_write, Direction::Replies, faults.clone()),
+                forward(
+                    client_read,
+                    server_write,
+                    Direction::Requests,
+                    faults.clone()
+                ),
+                forward(
+                    server_read,
+                    client_write,
+                    Direction::Replies,
+                    faults.clone()
+                ),
             )
         };
         tokio::select! {
@@ -230,7 +240,11 @@ where
 }
 
 async fn until_reset(mut faults: watch::Receiver<Fault>) {
-    if faults.wait_for(|fault| *fault == Fault::Reset).await.is_err() {
+    if faults
+        .wait_for(|fault| *fault == Fault::Reset)
+        .await
+        .is_err()
+    {
         // The proxy is gone; its drop aborts this task.
         std::future::pending::<()>().await;
     }

@@ -31,12 +31,18 @@ fn cli(program: &str, args: &[&str]) -> String {
 
 fn redis_cli(server: &RedisServer, args: &[&str]) -> String {
     let port = server.port().to_string();
-    cli("redis-cli", &[&["-h", "127.0.0.1", "-p", &port], args].concat())
+    cli(
+        "redis-cli",
+        &[&["-h", "127.0.0.1", "-p", &port], args].concat(),
+    )
 }
 
 fn etcdctl(endpoint: SocketAddr, args: &[&str]) -> String {
     let endpoint = format!("--endpoints=http://{endpoint}");
-    cli("etcdctl", &[&[endpoint.as_str(), "--dial-timeout=5s"], args].concat())
+    cli(
+        "etcdctl",
+        &[&[endpoint.as_str(), "--dial-timeout=5s"], args].concat(),
+    )
 }
 
 /// Whether a pid is gone: no such process, or only a zombie left for init to reap.
@@ -83,7 +89,10 @@ async fn zk_session(addr: SocketAddr, requested: Duration) -> (i64, Duration) {
         .expect("ZooKeeper connect request");
     let granted = i32::from_be_bytes(reply[4..8].try_into().unwrap());
     let session = i64::from_be_bytes(reply[8..16].try_into().unwrap());
-    (session, Duration::from_millis(u64::try_from(granted).unwrap()))
+    (
+        session,
+        Duration::from_millis(u64::try_from(granted).unwrap()),
+    )
 }
 
 #[tokio::test]
@@ -127,7 +136,9 @@ async fn etcd_member_answers_put_and_get() {
 #[tokio::test]
 async fn etcd_cluster_replicates_a_write_to_every_member() {
     //! Rule: the three members form one cluster: a write through one is read through the others.
-    let cluster = EtcdCluster::start().await.expect("start a 3-member etcd cluster");
+    let cluster = EtcdCluster::start()
+        .await
+        .expect("start a 3-member etcd cluster");
     let members = cluster.members();
     assert_eq!(members.len(), 3);
     assert_eq!(etcdctl(members[0].addr(), &["put", "smoke", "42"]), "OK");
@@ -203,7 +214,10 @@ async fn mariadb_answers_sql_in_the_test_database() {
 async fn postgres_answers_sql_at_its_url() {
     //! Rule: Postgres accepts user `postgres` over TCP with trust auth at `url()`.
     let pg = Postgres::start().await.expect("start Postgres");
-    assert_eq!(cli("psql", &[&pg.url(), "-X", "-tAc", "SELECT 40 + 2"]), "42");
+    assert_eq!(
+        cli("psql", &[&pg.url(), "-X", "-tAc", "SELECT 40 + 2"]),
+        "42"
+    );
     let user = cli("psql", &[&pg.url(), "-X", "-tAc", "SELECT current_user"]);
     assert_eq!(user, "postgres");
 }
@@ -238,7 +252,9 @@ async fn killed_server_refuses_connections_until_restarted() {
     redis.kill().expect("kill");
     assert_eq!(redis.pid(), None);
     assert!(is_gone(old_pid));
-    let refused = TcpStream::connect(redis.addr()).await.expect_err("connected");
+    let refused = TcpStream::connect(redis.addr())
+        .await
+        .expect_err("connected");
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     redis.restart(true).await.expect("restart");
     assert_eq!(redis.port(), port);
@@ -277,7 +293,10 @@ async fn no_server_process_outlives_its_handle() {
     let backends = children_of(postmaster);
     assert!(!backends.is_empty(), "Postgres forks helper processes");
     drop(pg);
-    assert!(is_gone(postmaster), "postmaster {postmaster} outlived its handle");
+    assert!(
+        is_gone(postmaster),
+        "postmaster {postmaster} outlived its handle"
+    );
     for pid in backends {
         assert!(is_gone(pid), "Postgres child {pid} outlived its handle");
     }

@@ -35,6 +35,19 @@ impl EtcdServer {
     }
 }
 
+impl EtcdServer {
+    /// Whether this member is the leader (per `/v3/maintenance/status`), or `None`
+    /// if it does not answer.
+    pub async fn is_leader(&self) -> Option<bool> {
+        let request = "POST /v3/maintenance/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                       Content-Type: application/json\r\nContent-Length: 2\r\n\
+                       Connection: close\r\n\r\n{}";
+        let reply = ask(self.process.port(), request.as_bytes()).await?;
+        let member = json_string(&reply, "member_id")?;
+        Some(json_string(&reply, "leader")? == member)
+    }
+}
+
 impl Server for EtcdServer {
     fn process(&self) -> &ServerProcess {
         &self.process
@@ -64,7 +77,9 @@ impl Server for EtcdServer {
             wipe(&self.data, None)?;
         }
         let port = self.process.port();
-        self.process.start_again(READY_WITHIN, || healthy(port)).await
+        self.process
+            .start_again(READY_WITHIN, || healthy(port))
+            .await
     }
 }
 
@@ -95,6 +110,16 @@ impl EtcdCluster {
         &mut self.members[index]
     }
 
+    /// The index of the member that reports itself leader, if any.
+    pub async fn leader(&self) -> Option<usize> {
+        for (index, member) in self.members.iter().enumerate() {
+            if member.is_leader().await == Some(true) {
+                return Some(index);
+            }
+        }
+        None
+    }
+
     /// `etcd://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C`
     pub fn url(&self) -> String {
         let endpoints: Vec<String> = self
@@ -108,11 +133,12 @@ impl EtcdCluster {
     /// Stops every member, wipes all data unless `keep_data` (a new cluster with
     /// the same members and ports), starts them all and waits until each answers.
     pub async fn restart(&mut self, keep_data: bool) -> Result<()> {
-        // Together: one by one, the last ones would lose quorum while stopping.
-        for member in &self.members {
-            member.process.begin_stop();
-        }
-        for member in &mut self.members {
+        // Leader first: it hands over at once. Stopped last, with no followers left,
+        // it can spend seconds trying to hand over.
+        let leader = self.leader().await;
+        let followers = (0..self.members.len()).filter(|&i| Some(i) != leader);
+        for index in leader.into_iter().chain(followers) {
+            let member = &mut self.members[index];
             member.process.stop().await?;
             if !keep_data {
                 wipe(&member.data, None)?;
@@ -120,7 +146,9 @@ impl EtcdCluster {
         }
         // All before waiting: a lone member has no quorum.
         for member in &mut self.members {
-            member.process.note_in_log("restarting with the whole cluster");
+            member
+                .process
+                .note_in_log("restarting with the whole cluster");
             member.process.respawn()?;
         }
         for member in &mut self.members {
@@ -224,4 +252,11 @@ async fn healthy(port: u16) -> bool {
     ask(port, request)
         .await
         .is_some_and(|reply| reply.contains(r#""health":"true""#))
+}
+
+/// The string value of `key` in a flat JSON reply (etcd writes ids as strings).
+fn json_string<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let quoted_key = format!("\"{key}\":\"");
+    let start = json.find(&quoted_key)? + quoted_key.len();
+    json[start..].split('"').next()
 }

@@ -114,7 +114,10 @@ fn launch(program: &Path, dir: &Path, data: &Path, port: u16, run_as: Option<Run
         .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
         .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
         .args(["--skip-name-resolve", "--innodb-buffer-pool-size=32M"])
-        .args(["--innodb-flush-log-at-trx-commit=2", "--max-connections=500"])
+        .args([
+            "--innodb-flush-log-at-trx-commit=2",
+            "--max-connections=500",
+        ])
         .run_as(run_as)
 }
 
@@ -123,8 +126,17 @@ async fn answers(client: &Path, port: u16) -> bool {
     let create = format!("CREATE DATABASE IF NOT EXISTS {}", MariaDb::DATABASE);
     let port = port.to_string();
     let args = [
-        "--no-defaults", "--protocol=TCP", "-h", "127.0.0.1", "-P", &port, "-u", "root",
-        "--connect-timeout=2", "-e", &create,
+        "--no-defaults",
+        "--protocol=TCP",
+        "-h",
+        "127.0.0.1",
+        "-P",
+        &port,
+        "-u",
+        "root",
+        "--connect-timeout=2",
+        "-e",
+        &create,
     ];
     succeeds(client, &args).await
 }

@@ -129,6 +129,16 @@ fn launch(program: &Path, dir: &Path, data: &Path, port: u16, run_as: Option<Run
 
 async fn answers(pg_isready: &Path, port: u16) -> bool {
     let port = port.to_string();
-    let args = ["-q", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-t", "2"];
+    let args = [
+        "-q",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-t",
+        "2",
+    ];
     succeeds(pg_isready, &args).await
 }

@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
@@ -97,6 +98,8 @@ impl Launch {
     }
 
     /// In its own process group, so signals reach every process the server forks.
+    /// Killed with SIGKILL if this process dies without unwinding, where `setpriv`
+    /// (util-linux) is installed.
     fn command(&self) -> Result<Command> {
         let log_path = self.log();
         let open_log = || {
@@ -106,7 +109,18 @@ impl Launch {
                 .open(&log_path)
                 .map_err(|e| HarnessError::io(format!("open {}", log_path.display()), e))
         };
-        let mut command = Command::new(&self.program);
+        // setpriv execs the server in place (same pid) after arranging that it gets
+        // SIGKILL if we die without unwinding (Ctrl-C, a killed test binary).
+        let mut command = match find_binary("setpriv") {
+            Ok(setpriv) => {
+                let mut command = Command::new(setpriv);
+                command
+                    .args(["--pdeathsig", "KILL", "--"])
+                    .arg(&self.program);
+                command
+            }
+            Err(_) => Command::new(&self.program),
+        };
         command
             .args(&self.args)
             .current_dir(&self.dir)
@@ -178,9 +192,8 @@ impl ServerProcess {
     pub(crate) fn respawn(&mut self) -> Result<()> {
         debug_assert!(self.child.is_none(), "respawn of a running server");
         self.log_from = log_len(&self.launch.log());
-        let child = self.launch.command()?.spawn().map_err(|e| {
-            HarnessError::io(format!("start {}", self.launch.program.display()), e)
-        })?;
+        let child = spawn_for_life(self.launch.command()?)
+            .map_err(|e| HarnessError::io(format!("start {}", self.launch.program.display()), e))?;
         tracing::debug!(server = %self.launch.name, pid = child.id(), "started");
         self.child = Some(child);
         Ok(())
@@ -256,7 +269,11 @@ impl ServerProcess {
     }
 
     /// Polls `answers` until it returns true, the server exits, or `within` passes.
-    pub(crate) async fn wait_ready<F, Fut>(&mut self, within: Duration, mut answers: F) -> Result<()>
+    pub(crate) async fn wait_ready<F, Fut>(
+        &mut self,
+        within: Duration,
+        mut answers: F,
+    ) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
@@ -281,19 +298,15 @@ impl ServerProcess {
         Err(self.failed(format!("did not answer within {within:?}")))
     }
 
-    /// Sends the stop signal without waiting, so cluster members stop together.
-    pub(crate) fn begin_stop(&self) {
-        if let Some(pid) = self.pid() {
-            let _ = kill(pid_of(pid), self.launch.stop_signal);
-            // A paused server must run to handle the stop signal.
-            let _ = killpg(pid_of(pid), Signal::SIGCONT);
-        }
-    }
-
     /// Stops the server with its stop signal; kills it if it is still up after a
     /// bounded grace period. Does nothing if it is not running.
     pub(crate) async fn stop(&mut self) -> Result<()> {
-        self.begin_stop();
+        let Some(pid) = self.pid().map(pid_of) else {
+            return Ok(());
+        };
+        let _ = kill(pid, self.launch.stop_signal);
+        // A paused server must run to handle the stop signal.
+        let _ = killpg(pid, Signal::SIGCONT);
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             if self.exited().is_some() {
@@ -307,7 +320,11 @@ impl ServerProcess {
 
     /// Starts the stopped server again on the same port and waits until it answers.
     /// Retries (bounded) if something else holds the port meanwhile.
-    pub(crate) async fn start_again<F, Fut>(&mut self, within: Duration, mut answers: F) -> Result<()>
+    pub(crate) async fn start_again<F, Fut>(
+        &mut self,
+        within: Duration,
+        mut answers: F,
+    ) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
@@ -354,6 +371,30 @@ impl Drop for ServerProcess {
             tracing::warn!(%e, "could not stop a server on drop");
         }
     }
+}
+
+/// Spawns from one thread that lives as long as this process: the parent-death
+/// signal fires when the spawning *thread* exits, and a test's thread may end before
+/// a server shared between tests.
+fn spawn_for_life(command: Command) -> std::io::Result<Child> {
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("fencelock-harness-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in queue {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("start the harness's spawner thread");
+        jobs
+    });
+    let gone = || std::io::Error::other("the harness's spawner thread is gone");
+    let (reply, spawned) = mpsc::channel();
+    spawner.send((command, reply)).map_err(|_| gone())?;
+    spawned.recv().map_err(|_| gone())?
 }
 
 fn pid_of(pid: u32) -> Pid {
@@ -482,13 +523,16 @@ impl RunAs {
 }
 
 /// Sends `request` to `127.0.0.1:port` and returns what the server says before it
-/// closes the connection.
+/// closes the connection; `None` if it does not within the probe timeout.
 pub(crate) async fn ask(port: u16, request: &[u8]) -> Option<String> {
-    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.ok()?;
-    stream.write_all(request).await.ok()?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).await.ok()?;
-    Some(String::from_utf8_lossy(&reply).into_owned())
+    let exchange = async {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.ok()?;
+        stream.write_all(request).await.ok()?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await.ok()?;
+        Some(String::from_utf8_lossy(&reply).into_owned())
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, exchange).await.ok()?
 }
 
 /// Whether a client command (`pg_isready`, `mariadb -e ...`) exits successfully.
@@ -521,5 +565,41 @@ fn tail(log: &Path, from: u64) -> String {
         format!("(log {} is empty)", log.display())
     } else {
         shown.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_names_the_install_script() {
+        //! Rule: a missing server binary fails with the command that installs it.
+        let error = find_binary("fencelock-no-such-server").unwrap_err();
+        assert!(matches!(error, HarnessError::Missing { .. }));
+        let message = error.to_string();
+        assert!(message.contains("fencelock-no-such-server"), "{message}");
+        assert!(message.contains("scripts/install-stores.sh"), "{message}");
+    }
+
+    #[test]
+    fn a_bind_failure_in_the_log_is_a_port_clash() {
+        //! Rule: only "address already in use" in the server's log makes start retry on new ports.
+        let failed = |log_tail: &str| HarnessError::Start {
+            server: "redis-server on 127.0.0.1:1".into(),
+            reason: "exited".into(),
+            log_tail: log_tail.into(),
+        };
+        assert!(failed("bind: Address already in use").is_port_clash());
+        assert!(!failed("FATAL: data directory has wrong ownership").is_port_clash());
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        //! Rule: ports picked together never collide (cluster members need distinct ports).
+        let mut ports = free_ports(6).unwrap();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 6);
     }
 }

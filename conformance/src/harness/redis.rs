@@ -92,7 +92,9 @@ impl Server for RedisServer {
             wipe(&self.data, None)?;
         }
         let port = self.process.port();
-        self.process.start_again(READY_WITHIN, || answers(port)).await
+        self.process
+            .start_again(READY_WITHIN, || answers(port))
+            .await
     }
 }
 

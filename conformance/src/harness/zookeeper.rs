@@ -78,7 +78,9 @@ impl Server for ZooKeeper {
             wipe_data(&self.data, self.myid)?;
         }
         let port = self.process.port();
-        self.process.start_again(READY_WITHIN, || serves(port)).await
+        self.process
+            .start_again(READY_WITHIN, || serves(port))
+            .await
     }
 }
 
@@ -132,10 +134,6 @@ impl ZooKeeperEnsemble {
     /// Stops every node, wipes all data unless `keep_data`, starts them all and
     /// waits until each serves.
     pub async fn restart(&mut self, keep_data: bool) -> Result<()> {
-        // Together: one by one, the last ones would lose quorum while stopping.
-        for node in &self.nodes {
-            node.process.begin_stop();
-        }
         for node in &mut self.nodes {
             node.process.stop().await?;
             if !keep_data {
@@ -150,7 +148,9 @@ impl ZooKeeperEnsemble {
         }
         for node in &mut self.nodes {
             let port = node.process.port();
-            node.process.wait_ready(READY_WITHIN, || serves(port)).await?;
+            node.process
+                .wait_ready(READY_WITHIN, || serves(port))
+                .await?;
         }
         Ok(())
     }
