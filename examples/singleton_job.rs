@@ -12,7 +12,10 @@ use fencelock::HeldLock;
 
 /// The job itself. It receives the held lock so every write can carry the token.
 async fn nightly_report(replica: usize, lock: HeldLock) -> usize {
-    println!("replica {replica}: running the report with token {}", lock.token());
+    println!(
+        "replica {replica}: running the report with token {}",
+        lock.token()
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     replica
 }
@@ -20,7 +23,12 @@ async fn nightly_report(replica: usize, lock: HeldLock) -> usize {
 #[tokio::main]
 async fn main() -> fencelock::Result<()> {
     let url = std::env::var("FENCELOCK_URL").unwrap_or_else(|_| {
-        format!("sqlite://{}", std::env::temp_dir().join("fencelock-singleton.db").display())
+        format!(
+            "sqlite://{}",
+            std::env::temp_dir()
+                .join("fencelock-singleton.db")
+                .display()
+        )
     });
     let mut replicas = Vec::new();
     for replica in 1..=5 {
@@ -35,7 +43,9 @@ async fn main() -> fencelock::Result<()> {
                 .await;
             match &result {
                 Ok(_) => println!("replica {replica}: done"),
-                Err(fencelock::Error::Contended { .. }) => println!("replica {replica}: another replica runs it; skipping"),
+                Err(fencelock::Error::Contended { .. }) => {
+                    println!("replica {replica}: another replica runs it; skipping")
+                }
                 Err(err) => println!("replica {replica}: {err}"),
             }
             result.is_ok()

@@ -16,7 +16,11 @@ async fn contend(locker: Locker) -> fencelock::Result<Vec<u64>> {
     let gate = MemoryFenceGate::new();
     let mut tokens = Vec::new();
     for _ in 0..3 {
-        let guard = locker.lock("examples/two-stores").ttl(Duration::from_secs(5)).wait(Duration::from_secs(5)).await?;
+        let guard = locker
+            .lock("examples/two-stores")
+            .ttl(Duration::from_secs(5))
+            .wait(Duration::from_secs(5))
+            .await?;
         gate.admit_now("ledger", guard.token())?;
         tokens.push(guard.token().0);
         guard.release().await?;
@@ -30,7 +34,12 @@ async fn main() -> fencelock::Result<()> {
     if urls.is_empty() {
         urls = vec![
             "memory://".to_owned(),
-            format!("sqlite://{}", std::env::temp_dir().join("fencelock-two-stores.db").display()),
+            format!(
+                "sqlite://{}",
+                std::env::temp_dir()
+                    .join("fencelock-two-stores.db")
+                    .display()
+            ),
         ];
     }
     for url in urls {

@@ -6,6 +6,15 @@
 //!   judges a recorded run.
 //! - [`harness`]: real servers started from `PATH` on free loopback ports, owned by pid.
 //! - [`proxy`]: a loopback TCP fault proxy switched at runtime.
+//! - [`faults`]: fault scenarios for every store (holder process killed, holder paused
+//!   past its TTL, a checked run with a paused holder); run them with
+//!   [`fault_tests!`].
+//! - [`worker`]: drives the `fencelock-worker` binary, a lock holder in a process of
+//!   its own that a test can pause or kill whole.
+//! - [`resource`]: a fenced resource in a SQLite file that worker processes share,
+//!   with a write log the checker reads.
+//! - [`broken`]: deliberately broken drivers, each breaking one rule, that the checker
+//!   must catch.
 //!
 //! A third-party driver runs the same suite on its own store:
 //!
@@ -16,13 +25,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod broken;
+pub mod faults;
 mod fixture;
 pub mod harness;
 pub mod history;
 pub mod proxy;
+pub mod resource;
 pub mod suite;
+pub mod worker;
 
-pub use fixture::{MemoryFixture, StoreFixture};
+pub use fixture::{MemoryFixture, SqliteFixture, StoreFixture};
 
 /// Expands to one `#[tokio::test]` per property of the [`suite`], each run against the
 /// fixture that `$fixture().await` returns (a fresh one per test).

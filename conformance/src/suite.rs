@@ -39,17 +39,25 @@ pub fn unique_name(rule: &str) -> LockName {
 }
 
 async fn client(store: &dyn StoreFixture) -> Arc<dyn LockBackend> {
-    store.backend().await.expect("the store under test must be reachable")
+    store
+        .backend()
+        .await
+        .expect("the store under test must be reachable")
 }
 
 fn request(name: &LockName, ttl: Duration, wait: WaitPolicy) -> AcquireRequest {
-    AcquireRequest::new(name.clone(), ttl).expect("valid ttl").with_wait(wait)
+    AcquireRequest::new(name.clone(), ttl)
+        .expect("valid ttl")
+        .with_wait(wait)
 }
 
 async fn take(backend: &dyn LockBackend, name: &LockName, ttl: Duration) -> Lease {
-    step("an uncontended acquire", backend.acquire(request(name, ttl, WaitPolicy::NoWait)))
-        .await
-        .unwrap_or_else(|err| panic!("acquiring free lock {name} failed: {err}"))
+    step(
+        "an uncontended acquire",
+        backend.acquire(request(name, ttl, WaitPolicy::NoWait)),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("acquiring free lock {name} failed: {err}"))
 }
 
 /// Bounds a step of a property: a store that hangs fails the property instead of the
@@ -71,10 +79,16 @@ pub async fn second_holder_is_refused(store: &dyn StoreFixture) -> Verdict {
     let name = unique_name("second-holder");
     let lease = take(&*a, &name, LONG_TTL).await;
     for (who, backend) in [("another client", &b), ("the same client", &a)] {
-        let err = step("a contended acquire", backend.acquire(request(&name, LONG_TTL, WaitPolicy::NoWait)))
-            .await
-            .expect_err("a held lock must not be granted twice");
-        assert!(matches!(err, Error::Contended { .. }), "{who}: expected Contended, got {err:?}");
+        let err = step(
+            "a contended acquire",
+            backend.acquire(request(&name, LONG_TTL, WaitPolicy::NoWait)),
+        )
+        .await
+        .expect_err("a held lock must not be granted twice");
+        assert!(
+            matches!(err, Error::Contended { .. }),
+            "{who}: expected Contended, got {err:?}"
+        );
         assert!(err.is_temporary(), "contention is temporary");
     }
     a.release(&lease).await.expect("release by the holder");
@@ -90,12 +104,27 @@ pub async fn reacquire_after_release_gets_a_higher_token(store: &dyn StoreFixtur
     for backend in [&a, &b, &a] {
         let lease = take(&**backend, &name, LONG_TTL).await;
         if let Some(prev) = last {
-            assert!(lease.token() > prev, "token {} after {prev} did not rise", lease.token());
+            assert!(
+                lease.token() > prev,
+                "token {} after {prev} did not rise",
+                lease.token()
+            );
         }
-        let state = b.inspect(&name).await.expect("inspect").expect("a held lock is reported");
+        let state = b
+            .inspect(&name)
+            .await
+            .expect("inspect")
+            .expect("a held lock is reported");
         assert_eq!((&state.holder, state.token), (lease.owner(), lease.token()));
-        backend.release(&lease).await.expect("release by the holder");
-        assert_eq!(b.inspect(&name).await.expect("inspect"), None, "released lock still reported");
+        backend
+            .release(&lease)
+            .await
+            .expect("release by the holder");
+        assert_eq!(
+            b.inspect(&name).await.expect("inspect"),
+            None,
+            "released lock still reported"
+        );
         last = Some(lease.token());
     }
     Verdict::Passed
@@ -107,37 +136,67 @@ pub async fn release_of_a_lost_lease_spares_the_new_holder(store: &dyn StoreFixt
     let (a, b) = (client(store).await, client(store).await);
     let name = unique_name("lost-release");
     let old = take(&*a, &name, SHORT_TTL).await;
-    let new = step("a waiting acquire", b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))))
+    let new = step(
+        "a waiting acquire",
+        b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))),
+    )
+    .await
+    .expect("the lock must be free once its TTL ran out");
+    let err = a
+        .release(&old)
         .await
-        .expect("the lock must be free once its TTL ran out");
-    let err = a.release(&old).await.expect_err("releasing a lost lease must fail");
+        .expect_err("releasing a lost lease must fail");
     assert!(err.is_lost(), "expected Lost, got {err:?}");
-    let err = a.renew(&old, LONG_TTL).await.expect_err("renewing a lost lease must fail");
+    let err = a
+        .renew(&old, LONG_TTL)
+        .await
+        .expect_err("renewing a lost lease must fail");
     assert!(err.is_lost(), "expected Lost, got {err:?}");
-    let state = b.inspect(&name).await.expect("inspect").expect("the new holder still holds it");
-    assert_eq!((&state.holder, state.token), (new.owner(), new.token()), "the new holder's lock was touched");
-    b.release(&new).await.expect("the new holder releases normally");
+    let state = b
+        .inspect(&name)
+        .await
+        .expect("inspect")
+        .expect("the new holder still holds it");
+    assert_eq!(
+        (&state.holder, state.token),
+        (new.owner(), new.token()),
+        "the new holder's lock was touched"
+    );
+    b.release(&new)
+        .await
+        .expect("the new holder releases normally");
     Verdict::Passed
 }
 
 /// Nobody is granted a lock while its holder's `valid_until` has not passed, and it
 /// is granted once the TTL ran out without renewal.
-pub async fn lock_is_not_taken_before_its_ttl_and_is_free_after(store: &dyn StoreFixture) -> Verdict {
+pub async fn lock_is_not_taken_before_its_ttl_and_is_free_after(
+    store: &dyn StoreFixture,
+) -> Verdict {
     let (a, b) = (client(store).await, client(store).await);
     let name = unique_name("ttl");
     let first = take(&*a, &name, SHORT_TTL).await;
-    let err = b.acquire(request(&name, LONG_TTL, WaitPolicy::NoWait)).await.expect_err("held");
-    assert!(matches!(err, Error::Contended { .. }), "{err:?}");
-    let second = step("a waiting acquire", b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))))
+    let err = b
+        .acquire(request(&name, LONG_TTL, WaitPolicy::NoWait))
         .await
-        .expect("the lock must be granted after its TTL ran out");
+        .expect_err("held");
+    assert!(matches!(err, Error::Contended { .. }), "{err:?}");
+    let second = step(
+        "a waiting acquire",
+        b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))),
+    )
+    .await
+    .expect("the lock must be granted after its TTL ran out");
     let granted_at = Instant::now();
     assert!(
         granted_at >= first.valid_until(),
         "granted {:?} before the first holder's validity ended",
         first.valid_until() - granted_at
     );
-    assert!(second.token() > first.token(), "token did not rise across expiry");
+    assert!(
+        second.token() > first.token(),
+        "token did not rise across expiry"
+    );
     b.release(&second).await.expect("release");
     Verdict::Passed
 }
@@ -148,17 +207,32 @@ pub async fn auto_renew_keeps_a_lock_past_three_ttls(store: &dyn StoreFixture) -
     let holder = locker(client(store).await);
     let other = client(store).await;
     let name = unique_name("auto-renew");
-    let guard = step("lock", holder.lock(&name).ttl(SHORT_TTL)).await.expect("lock");
+    let guard = step("lock", holder.lock(&name).ttl(SHORT_TTL))
+        .await
+        .expect("lock");
     let started = Instant::now();
     // Bounded: 8 checks, half a TTL apart, span 4 TTLs.
     for _ in 0..8 {
         tokio::time::sleep(SHORT_TTL / 2).await;
-        assert!(guard.is_held(), "guard stopped being held after {:?}", started.elapsed());
-        let err = other.acquire(request(&name, LONG_TTL, WaitPolicy::NoWait)).await;
-        assert!(matches!(err, Err(Error::Contended { .. })), "taken over after {:?}: {err:?}", started.elapsed());
+        assert!(
+            guard.is_held(),
+            "guard stopped being held after {:?}",
+            started.elapsed()
+        );
+        let err = other
+            .acquire(request(&name, LONG_TTL, WaitPolicy::NoWait))
+            .await;
+        assert!(
+            matches!(err, Err(Error::Contended { .. })),
+            "taken over after {:?}: {err:?}",
+            started.elapsed()
+        );
     }
     assert!(started.elapsed() > SHORT_TTL * 3);
-    guard.release().await.expect("a renewed lock releases normally");
+    guard
+        .release()
+        .await
+        .expect("a renewed lock releases normally");
     Verdict::Passed
 }
 
@@ -171,14 +245,19 @@ pub async fn waiter_wakes_on_release(store: &dyn StoreFixture) -> Verdict {
     let waiter = {
         let name = name.clone();
         // The wait is far shorter than the holder's TTL: only a release can grant it.
-        tokio::spawn(async move { b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(LONG_TTL / 3))).await })
+        tokio::spawn(async move {
+            b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(LONG_TTL / 3)))
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     a.release(&lease).await.expect("release");
     let granted = step("the woken waiter", waiter).await.expect("waiter task");
     let granted = granted.expect("the waiter must be granted after the release");
     assert!(granted.token() > lease.token());
-    a.release(&granted).await.expect("anyone holding the lease can release it");
+    a.release(&granted)
+        .await
+        .expect("anyone holding the lease can release it");
     Verdict::Passed
 }
 
@@ -190,12 +269,26 @@ pub async fn wait_times_out(store: &dyn StoreFixture) -> Verdict {
     let lease = take(&*a, &name, LONG_TTL).await;
     let wait = Duration::from_millis(300);
     let started = Instant::now();
-    let err = step("a timed wait", b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(wait))))
+    let err = step(
+        "a timed wait",
+        b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(wait))),
+    )
+    .await
+    .expect_err("a held lock must not be granted");
+    assert!(
+        matches!(err, Error::Timeout { .. }),
+        "expected Timeout, got {err:?}"
+    );
+    assert!(
+        started.elapsed() >= wait,
+        "gave up after {:?}, before the wait of {wait:?}",
+        started.elapsed()
+    );
+    let state = b
+        .inspect(&name)
         .await
-        .expect_err("a held lock must not be granted");
-    assert!(matches!(err, Error::Timeout { .. }), "expected Timeout, got {err:?}");
-    assert!(started.elapsed() >= wait, "gave up after {:?}, before the wait of {wait:?}", started.elapsed());
-    let state = b.inspect(&name).await.expect("inspect").expect("still held");
+        .expect("inspect")
+        .expect("still held");
     assert_eq!(state.token, lease.token());
     a.release(&lease).await.expect("release");
     Verdict::Passed
@@ -204,14 +297,27 @@ pub async fn wait_times_out(store: &dyn StoreFixture) -> Verdict {
 /// A dropped acquire future leaves nothing behind: no queue entry that delays later
 /// acquirers, and no grant beyond its TTL.
 pub async fn dropped_acquire_leaves_nothing_behind(store: &dyn StoreFixture) -> Verdict {
-    let (a, b, c) = (client(store).await, client(store).await, client(store).await);
+    let (a, b, c) = (
+        client(store).await,
+        client(store).await,
+        client(store).await,
+    );
     let name = unique_name("dropped-acquire");
     // A waiting acquire dropped while it waits.
     let lease = take(&*a, &name, LONG_TTL).await;
-    let waited = timeout(Duration::from_millis(300), b.acquire(request(&name, LONG_TTL, WaitPolicy::Forever))).await;
-    assert!(waited.is_err(), "the waiter cannot have been granted a held lock");
+    let waited = timeout(
+        Duration::from_millis(300),
+        b.acquire(request(&name, LONG_TTL, WaitPolicy::Forever)),
+    )
+    .await;
+    assert!(
+        waited.is_err(),
+        "the waiter cannot have been granted a held lock"
+    );
     a.release(&lease).await.expect("release");
-    let next = c.acquire(request(&name, LONG_TTL, WaitPolicy::NoWait)).await;
+    let next = c
+        .acquire(request(&name, LONG_TTL, WaitPolicy::NoWait))
+        .await;
     let next = next.expect("a dropped waiter must not keep its place in line");
     c.release(&next).await.expect("release");
     // Acquires on a free lock dropped at their first await: whatever they did is undone
@@ -219,9 +325,12 @@ pub async fn dropped_acquire_leaves_nothing_behind(store: &dyn StoreFixture) -> 
     for _ in 0..5 {
         let fut = b.acquire(request(&name, SHORT_TTL, WaitPolicy::NoWait));
         let _ = futures_util::FutureExt::now_or_never(fut);
-        let next = step("acquire after a dropped one", c.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))))
-            .await
-            .expect("a dropped acquire must not hold the lock beyond its TTL");
+        let next = step(
+            "acquire after a dropped one",
+            c.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))),
+        )
+        .await
+        .expect("a dropped acquire must not hold the lock beyond its TTL");
         c.release(&next).await.expect("release");
     }
     Verdict::Passed
@@ -236,7 +345,11 @@ pub async fn independent_names_do_not_interfere(store: &dyn StoreFixture) -> Ver
     let held = take(&*a, &first, LONG_TTL).await;
     let other = take(&*b, &second, LONG_TTL).await;
     b.release(&other).await.expect("release");
-    let state = b.inspect(&first).await.expect("inspect").expect("first lock still held");
+    let state = b
+        .inspect(&first)
+        .await
+        .expect("inspect")
+        .expect("first lock still held");
     assert_eq!(state.token, held.token());
     a.release(&held).await.expect("release");
     Verdict::Passed
@@ -269,12 +382,24 @@ pub async fn names_at_the_limits(store: &dyn StoreFixture) -> Verdict {
         guards.push(guard);
     }
     for guard in guards {
-        let state = locker.inspect(guard.name()).await.expect("inspect").expect("held");
-        assert_eq!(state.token, guard.token(), "{:?} reports another holder", guard.name());
+        let state = locker
+            .inspect(guard.name())
+            .await
+            .expect("inspect")
+            .expect("held");
+        assert_eq!(
+            state.token,
+            guard.token(),
+            "{:?} reports another holder",
+            guard.name()
+        );
         guard.release().await.expect("release");
     }
     for bad in [String::new(), format!("{base}\0"), "y".repeat(257)] {
-        let err = locker.lock(&bad).await.expect_err("an invalid name must be refused");
+        let err = locker
+            .lock(&bad)
+            .await
+            .expect_err("an invalid name must be refused");
         assert!(matches!(err, Error::InvalidName { .. }), "{bad:?}: {err:?}");
     }
     Verdict::Passed
@@ -285,21 +410,50 @@ pub async fn names_at_the_limits(store: &dyn StoreFixture) -> Verdict {
 pub async fn zero_ttl_is_refused(store: &dyn StoreFixture) -> Verdict {
     let locker = locker(client(store).await);
     let name = unique_name("zero-ttl");
-    let err = locker.lock(&name).ttl(Duration::ZERO).await.expect_err("zero TTL");
-    assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("ttl"), "{err:?}");
-    assert_eq!(locker.inspect(&name).await.expect("inspect"), None, "nothing was taken");
+    let err = locker
+        .lock(&name)
+        .ttl(Duration::ZERO)
+        .await
+        .expect_err("zero TTL");
+    assert!(
+        matches!(err, Error::Config { .. }) && err.to_string().contains("ttl"),
+        "{err:?}"
+    );
+    assert_eq!(
+        locker.inspect(&name).await.expect("inspect"),
+        None,
+        "nothing was taken"
+    );
     Verdict::Passed
 }
 
 /// `lost()` fires when the lock is deleted behind the holder's back, the guard stops
 /// being held, and `with_lock` drops its work and returns `Lost`.
-pub async fn lost_fires_when_deleted_and_with_lock_aborts_the_work(store: &dyn StoreFixture) -> Verdict {
+pub async fn lost_fires_when_deleted_and_with_lock_aborts_the_work(
+    store: &dyn StoreFixture,
+) -> Verdict {
     let holder = locker(client(store).await);
     let name = unique_name("deleted");
-    let guard = step("lock", holder.lock(&name).ttl(SHORT_TTL)).await.expect("lock");
-    store.delete_behind_back(&name).await.expect("operator delete");
-    let err = timeout(SHORT_TTL * 5, guard.lost()).await.expect("lost() must fire after the deletion");
-    assert!(matches!(err, Error::Lost { reason: LossReason::NotOurs | LossReason::SessionEnded, .. }), "{err:?}");
+    let guard = step("lock", holder.lock(&name).ttl(SHORT_TTL))
+        .await
+        .expect("lock");
+    store
+        .delete_behind_back(&name)
+        .await
+        .expect("operator delete");
+    let err = timeout(SHORT_TTL * 5, guard.lost())
+        .await
+        .expect("lost() must fire after the deletion");
+    assert!(
+        matches!(
+            err,
+            Error::Lost {
+                reason: LossReason::NotOurs | LossReason::SessionEnded,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(!guard.is_held());
     let err = guard.release().await.expect_err("releasing a lost guard");
     assert!(err.is_lost(), "{err:?}");
@@ -309,7 +463,10 @@ pub async fn lost_fires_when_deleted_and_with_lock_aborts_the_work(store: &dyn S
     let result = timeout(
         SHORT_TTL * 5,
         holder.lock(&name).ttl(SHORT_TTL).run(|held| async move {
-            store.delete_behind_back(held.name()).await.expect("operator delete");
+            store
+                .delete_behind_back(held.name())
+                .await
+                .expect("operator delete");
             tokio::time::sleep(LONG_TTL).await;
             work_finished.store(true, std::sync::atomic::Ordering::SeqCst);
         }),
@@ -317,7 +474,10 @@ pub async fn lost_fires_when_deleted_and_with_lock_aborts_the_work(store: &dyn S
     .await
     .expect("with_lock must return once the lock is lost");
     assert!(matches!(result, Err(Error::Lost { .. })), "{result:?}");
-    assert!(!finished.load(std::sync::atomic::Ordering::SeqCst), "the work ran on after the loss");
+    assert!(
+        !finished.load(std::sync::atomic::Ordering::SeqCst),
+        "the work ran on after the loss"
+    );
     Verdict::Passed
 }
 
@@ -328,14 +488,34 @@ pub async fn max_hold_ends_the_lock(store: &dyn StoreFixture) -> Verdict {
     let other = client(store).await;
     let name = unique_name("max-hold");
     let max_hold = SHORT_TTL * 2;
-    let guard = step("lock", holder.lock(&name).ttl(SHORT_TTL).max_hold(max_hold)).await.expect("lock");
-    let started = Instant::now();
-    let err = timeout(max_hold + SHORT_TTL * 5, guard.lost()).await.expect("max_hold must end the lock");
-    assert!(matches!(err, Error::Lost { reason: LossReason::MaxHoldReached, .. }), "{err:?}");
-    assert!(started.elapsed() >= max_hold - SHORT_TTL / 10, "ended after {:?}", started.elapsed());
-    let next = step("acquire after max_hold", other.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))))
+    let guard = step("lock", holder.lock(&name).ttl(SHORT_TTL).max_hold(max_hold))
         .await
-        .expect("the lock must be free after max_hold");
+        .expect("lock");
+    let started = Instant::now();
+    let err = timeout(max_hold + SHORT_TTL * 5, guard.lost())
+        .await
+        .expect("max_hold must end the lock");
+    assert!(
+        matches!(
+            err,
+            Error::Lost {
+                reason: LossReason::MaxHoldReached,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() >= max_hold - SHORT_TTL / 10,
+        "ended after {:?}",
+        started.elapsed()
+    );
+    let next = step(
+        "acquire after max_hold",
+        other.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))),
+    )
+    .await
+    .expect("the lock must be free after max_hold");
     other.release(&next).await.expect("release");
     drop(guard);
     Verdict::Passed
@@ -348,11 +528,17 @@ pub async fn stale_token_is_refused_by_the_gate(store: &dyn StoreFixture) -> Ver
     let name = unique_name("stale-token");
     let gate = MemoryFenceGate::new();
     let old = take(&*a, &name, SHORT_TTL).await;
-    let new = step("takeover", b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))))
-        .await
-        .expect("takeover after expiry");
-    gate.admit_now("resource", new.token()).expect("the new holder's token is admitted");
-    let err = gate.admit_now("resource", old.token()).expect_err("the old token must be refused");
+    let new = step(
+        "takeover",
+        b.acquire(request(&name, LONG_TTL, WaitPolicy::Until(SHORT_TTL * 10))),
+    )
+    .await
+    .expect("takeover after expiry");
+    gate.admit_now("resource", new.token())
+        .expect("the new holder's token is admitted");
+    let err = gate
+        .admit_now("resource", old.token())
+        .expect_err("the old token must be refused");
     assert!(matches!(err, Error::StaleToken { .. }), "{err:?}");
     b.release(&new).await.expect("release");
     Verdict::Passed
@@ -374,11 +560,24 @@ pub async fn fenced_increments_are_exact(store: &dyn StoreFixture) -> Verdict {
             let holder = format!("worker-{worker}");
             let mut holds = Vec::with_capacity(EACH);
             for _ in 0..EACH {
-                let guard = locker.lock(&name).ttl(LONG_TTL).wait(LONG_TTL * 2).await.expect("lock");
+                let guard = locker
+                    .lock(&name)
+                    .ttl(LONG_TTL)
+                    .wait(LONG_TTL * 2)
+                    .await
+                    .expect("lock");
                 let start = Instant::now();
-                counter.increment(&holder, guard.token()).await.expect("a holder's write is admitted");
+                counter
+                    .increment(&holder, guard.token())
+                    .await
+                    .expect("a holder's write is admitted");
                 let end = Instant::now();
-                holds.push(Hold { holder: holder.clone(), token: guard.token(), start, end });
+                holds.push(Hold {
+                    holder: holder.clone(),
+                    token: guard.token(),
+                    start,
+                    end,
+                });
                 guard.release().await.expect("release");
             }
             holds
@@ -393,9 +592,16 @@ pub async fn fenced_increments_are_exact(store: &dyn StoreFixture) -> Verdict {
         history.holds.extend(holds);
     }
     history.writes = counter.writes();
-    assert_eq!(counter.value(), (WORKERS * EACH) as u64, "increments were lost");
+    assert_eq!(
+        counter.value(),
+        (WORKERS * EACH) as u64,
+        "increments were lost"
+    );
     if let Err(violations) = history::check(&history, false) {
-        panic!("the history breaks the lock's rules:{}", history::describe(&violations));
+        panic!(
+            "the history breaks the lock's rules:{}",
+            history::describe(&violations)
+        );
     }
     Verdict::Passed
 }
