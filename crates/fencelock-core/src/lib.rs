@@ -25,6 +25,7 @@ mod memory;
 mod name;
 mod request;
 pub mod url;
+pub mod wake;
 mod watchdog;
 
 pub use backend::LockBackend;
