@@ -5,7 +5,37 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{AcquireRequest, Capabilities, Lease, LockName, LockState, Result};
+use crate::{
+    AcquireRequest, Capabilities, Lease, LockName, LockState, LossReason, OwnerId, Result,
+};
+
+/// What a store learns by itself about this client's grants, without being asked: a
+/// session that dropped, came back or ended, a grant whose key vanished.
+///
+/// Session stores (etcd, ZooKeeper, database connections) send these so guards hear of
+/// a loss at once rather than at the next renewal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// The session is disconnected: its grants may or may not still stand. Guards
+    /// report not held until [`Resumed`](Self::Resumed); a grant whose validity runs
+    /// out meanwhile is lost.
+    Suspended,
+    /// The session is connected again and its grants still stand.
+    Resumed,
+    /// The session ended: every grant made through this backend is lost.
+    SessionLost {
+        /// Why.
+        reason: LossReason,
+    },
+    /// One grant is gone (its key or node was deleted, its row taken).
+    LeaseLost {
+        /// The lock.
+        name: LockName,
+        /// The owner id of the lost grant.
+        owner: OwnerId,
+    },
+}
 
 /// A store that grants named locks with fencing tokens.
 ///
@@ -70,6 +100,18 @@ pub trait LockBackend: Send + Sync + Debug + 'static {
     ///   [`Error::Lost`](crate::Error::Lost) and leaves whoever holds the name now
     ///   untouched.
     async fn release(&self, lease: &Lease) -> Result<()>;
+
+    /// A feed of [`StoreEvent`]s about grants made through this backend, for the
+    /// client's watchdog. Each call returns a new receiver of the same feed.
+    ///
+    /// # Behavior
+    /// Stores that learn of losses by themselves (sessions, watches) return
+    /// `Some` and send an event as soon as they know; a lagging receiver makes the
+    /// watchdog renew everything at once to find out what it missed. The default,
+    /// for stores where only a renewal can tell, is `None`.
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        None
+    }
 
     /// Reports the current holder of `name`: owner, token and remaining time, or
     /// `None` when nobody holds it (never held, released or expired). For tools and

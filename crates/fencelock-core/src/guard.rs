@@ -37,8 +37,9 @@ impl HeldLock {
         &self.name
     }
 
-    /// Whether the lock is surely still held: not lost, not released, and within its
-    /// validity. A `false` is final.
+    /// Whether the lock is surely still held: not lost, not released, within its
+    /// validity, and its store session not suspended. `false` is final unless a
+    /// suspended session comes back.
     pub fn is_held(&self) -> bool {
         match *self.status.borrow() {
             Status::Held { valid_until } => Instant::now() < valid_until,
@@ -47,7 +48,7 @@ impl HeldLock {
     }
 
     /// Time left until the current validity ends (the watchdog extends it); zero once
-    /// lost or released.
+    /// lost or released, and while the store session is suspended.
     pub fn remaining(&self) -> Duration {
         match *self.status.borrow() {
             Status::Held { valid_until } => valid_until.saturating_duration_since(Instant::now()),
@@ -75,7 +76,7 @@ impl HeldLock {
                 match current {
                     Status::Lost(reason) => return lost(reason),
                     Status::Released => return std::future::pending().await,
-                    Status::Held { valid_until } => {
+                    Status::Held { valid_until } | Status::Suspended { valid_until } => {
                         tokio::select! {
                             changed = status.changed() => {
                                 if changed.is_err() {
@@ -92,7 +93,10 @@ impl HeldLock {
                             // validity that passed without a renewal is a loss. The grace
                             // lets a running watchdog report the precise reason first.
                             () = tokio::time::sleep_until(valid_until + LOST_FALLBACK_GRACE) => {
-                                let still = matches!(*status.borrow(), Status::Held { valid_until: v } if v == valid_until);
+                                let still = matches!(
+                                    *status.borrow(),
+                                    Status::Held { valid_until: v } | Status::Suspended { valid_until: v } if v == valid_until
+                                );
                                 if still {
                                     return lost(LossReason::Expired);
                                 }

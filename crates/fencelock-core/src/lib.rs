@@ -28,7 +28,7 @@ pub mod url;
 pub mod wake;
 mod watchdog;
 
-pub use backend::LockBackend;
+pub use backend::{LockBackend, StoreEvent};
 pub use capabilities::{Capabilities, LeaseKind, WaitKind};
 pub use error::{BoxError, Error, LossReason, Result};
 pub use gate::{FenceGate, MemoryFenceGate};

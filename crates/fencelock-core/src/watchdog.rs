@@ -12,13 +12,17 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::{Lease, LockBackend, LossReason};
+use crate::{Lease, LockBackend, LossReason, StoreEvent};
+use tokio::sync::broadcast::error::RecvError;
 
 /// A held lease's state as its guard sees it.
 #[derive(Clone, Debug)]
 pub(crate) enum Status {
     /// Held and surely valid until this instant.
     Held { valid_until: Instant },
+    /// The store's session is disconnected: the grant may or may not stand. Lost if
+    /// this instant passes before the session is back.
+    Suspended { valid_until: Instant },
     /// Lost; the watchdog no longer renews it.
     Lost(LossReason),
     /// Released through its guard.
@@ -30,6 +34,9 @@ pub(crate) struct Watchdog {
     store: &'static str,
     registry: Mutex<Registry>,
     wake: Notify,
+    /// The store's event feed, subscribed when the `Locker` is built so no event sent
+    /// before the task first runs is missed; the task takes it.
+    events: Mutex<Option<tokio::sync::broadcast::Receiver<StoreEvent>>>,
 }
 
 #[derive(Default)]
@@ -91,6 +98,7 @@ impl Watchdog {
     pub(crate) fn new(backend: Arc<dyn LockBackend>) -> Arc<Self> {
         let store = backend.capabilities().store;
         Arc::new(Self {
+            events: Mutex::new(backend.events()),
             backend,
             store,
             registry: Mutex::default(),
@@ -170,6 +178,13 @@ impl Watchdog {
 
     async fn run(self: Arc<Self>) {
         let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        // A task started again (after its runtime went away) subscribes anew.
+        let mut events = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .or_else(|| self.backend.events());
         loop {
             let (batch, next_wake, done) = self.scan();
             if done && in_flight.is_empty() {
@@ -185,7 +200,58 @@ impl Watchdog {
                 () = sleep => {}
                 () = self.wake.notified() => {}
                 Some(outcome) = in_flight.next(), if !in_flight.is_empty() => self.apply(outcome),
+                event = next_event(&mut events) => match event {
+                    Ok(event) => self.on_event(event),
+                    // Events were missed: renew everything now to find out.
+                    Err(RecvError::Lagged(_)) => self.renew_all_now(),
+                    Err(RecvError::Closed) => events = None,
+                },
             }
+        }
+    }
+
+    /// Applies what the store reported by itself.
+    fn on_event(&self, event: StoreEvent) {
+        let mut registry = self.registry();
+        match event {
+            StoreEvent::Suspended => {
+                for held in registry.held.values() {
+                    let valid_until = held.lease.valid_until();
+                    held.status.send_replace(Status::Suspended { valid_until });
+                }
+            }
+            StoreEvent::Resumed => {
+                for held in registry.held.values() {
+                    let valid_until = held.lease.valid_until();
+                    held.status.send_replace(Status::Held { valid_until });
+                }
+            }
+            StoreEvent::SessionLost { reason } => {
+                for (_, held) in registry.held.drain() {
+                    self.report_lost(&held, reason);
+                }
+            }
+            StoreEvent::LeaseLost { name, owner } => {
+                let lost: Vec<u64> = registry
+                    .held
+                    .iter()
+                    .filter(|(_, h)| *h.lease.name() == name && *h.lease.owner() == owner)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in lost {
+                    if let Some(held) = registry.held.remove(&id) {
+                        self.report_lost(&held, LossReason::NotOurs);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes every lease due for renewal now.
+    fn renew_all_now(&self) {
+        let now = Instant::now();
+        for held in self.registry().held.values_mut() {
+            held.next_renew = held.next_renew.min(now);
         }
     }
 
@@ -281,9 +347,13 @@ impl Watchdog {
             match result {
                 Ok(renewed) => {
                     held.next_renew = sent + held.ttl / 3;
-                    held.lease = held.lease.clone().renewed(renewed.valid_until());
-                    held.status.send_replace(Status::Held {
-                        valid_until: renewed.valid_until(),
+                    let valid_until = renewed.valid_until();
+                    held.lease = held.lease.clone().renewed(valid_until);
+                    // A suspended session stays suspended until the store says it is
+                    // back; only the validity moves.
+                    held.status.send_modify(|status| match status {
+                        Status::Suspended { .. } => *status = Status::Suspended { valid_until },
+                        _ => *status = Status::Held { valid_until },
                     });
                 }
                 Err(err) if err.is_lost() => {
@@ -308,5 +378,15 @@ impl Watchdog {
             "fencelock lock lost"
         );
         held.status.send_replace(Status::Lost(reason));
+    }
+}
+
+/// The next event of the feed, or never when there is none.
+async fn next_event(
+    events: &mut Option<tokio::sync::broadcast::Receiver<StoreEvent>>,
+) -> Result<StoreEvent, RecvError> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
     }
 }

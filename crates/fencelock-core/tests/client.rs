@@ -7,19 +7,35 @@ use std::time::Duration;
 
 use fencelock_core::{
     AcquireRequest, Capabilities, Error, Lease, LockBackend, LockName, LockState, Locker,
-    LossReason, MemoryStore, Result, async_trait,
+    LossReason, MemoryStore, OwnerId, Result, StoreEvent, async_trait,
 };
+use futures_util::FutureExt;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(3);
 
-/// The memory store, counting renewal batches and able to stall renewals.
-#[derive(Debug, Default, Clone)]
+/// The memory store, counting renewal batches, able to stall renewals, and sending
+/// store events as a session store would.
+#[derive(Debug, Clone)]
 struct Observed {
     store: MemoryStore,
     batches: Arc<Mutex<Vec<usize>>>,
     renewals_hang: Arc<AtomicBool>,
     releases: Arc<AtomicUsize>,
+    events: broadcast::Sender<StoreEvent>,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        Self {
+            store: MemoryStore::new(),
+            batches: Arc::default(),
+            renewals_hang: Arc::default(),
+            releases: Arc::default(),
+            events: broadcast::channel(16).0,
+        }
+    }
 }
 
 #[async_trait]
@@ -50,6 +66,16 @@ impl LockBackend for Observed {
     }
     async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
         self.store.inspect(name).await
+    }
+    fn events(&self) -> Option<broadcast::Receiver<StoreEvent>> {
+        Some(self.events.subscribe())
+    }
+}
+
+/// Lets the watchdog task run until it is idle.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
     }
 }
 
@@ -243,4 +269,102 @@ async fn a_locker_dropped_while_guards_live_keeps_renewing_them() {
     tokio::time::sleep(TTL * 2).await;
     assert!(guard.is_held());
     guard.release().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_lost_event_marks_every_guard_lost_at_once() {
+    let backend = Observed::default();
+    let locker = Locker::new(backend.clone());
+    let a = locker.lock("a").ttl(TTL).await.unwrap();
+    let b = locker.lock("b").ttl(TTL).await.unwrap();
+    let started = Instant::now();
+    backend
+        .events
+        .send(StoreEvent::SessionLost {
+            reason: LossReason::SessionEnded,
+        })
+        .unwrap();
+    for guard in [&a, &b] {
+        let err = guard.lost().await;
+        assert!(
+            matches!(
+                err,
+                Error::Lost {
+                    reason: LossReason::SessionEnded,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!guard.is_held());
+    }
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "reported at once, not at a renewal"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_lost_event_marks_only_that_guard_lost() {
+    let backend = Observed::default();
+    let locker = Locker::new(backend.clone());
+    let a = locker.lock("a").ttl(TTL).await.unwrap();
+    let b = locker.lock("b").ttl(TTL).await.unwrap();
+    settle().await;
+    let owner: OwnerId = a.lease().owner().clone();
+    backend
+        .events
+        .send(StoreEvent::LeaseLost {
+            name: a.name().clone(),
+            owner,
+        })
+        .unwrap();
+    let err = a.lost().await;
+    assert!(
+        matches!(
+            err,
+            Error::Lost {
+                reason: LossReason::NotOurs,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(b.is_held());
+    assert!(b.lost().now_or_never().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspended_session_is_not_held_until_resumed_and_lost_if_validity_passes() {
+    let backend = Observed::default();
+    let locker = Locker::new(backend.clone());
+    let guard = locker.lock("a").ttl(TTL).await.unwrap();
+    settle().await;
+    backend.events.send(StoreEvent::Suspended).unwrap();
+    settle().await;
+    assert!(!guard.is_held(), "a suspended session's grant is uncertain");
+    assert_eq!(guard.remaining(), Duration::ZERO);
+    assert!(
+        guard.lost().now_or_never().is_none(),
+        "suspended is not lost"
+    );
+    backend.events.send(StoreEvent::Resumed).unwrap();
+    settle().await;
+    assert!(guard.is_held(), "held again once the session is back");
+
+    // Suspended with renewals failing: lost when the validity runs out.
+    backend.renewals_hang.store(true, Ordering::SeqCst);
+    backend.events.send(StoreEvent::Suspended).unwrap();
+    let err = guard.lost().await;
+    assert!(
+        matches!(
+            err,
+            Error::Lost {
+                reason: LossReason::Expired,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
