@@ -48,12 +48,42 @@ const SCHEMES: &[SchemeInfo] = &[
         true,
         cfg!(feature = "sqlite"),
     ),
-    scheme("redis", "redis", Some("redis"), false, false),
-    scheme("rediss", "redis", Some("redis"), false, false),
-    scheme("redlock", "redlock", Some("redlock"), false, false),
-    scheme("etcd", "etcd", Some("etcd"), false, false),
-    scheme("zk", "zookeeper", Some("zookeeper"), false, false),
-    scheme("zookeeper", "zookeeper", Some("zookeeper"), false, false),
+    scheme(
+        "redis",
+        "redis",
+        Some("redis"),
+        true,
+        cfg!(feature = "redis"),
+    ),
+    scheme(
+        "rediss",
+        "redis",
+        Some("redis"),
+        true,
+        cfg!(feature = "redis"),
+    ),
+    scheme(
+        "redlock",
+        "redlock",
+        Some("redlock"),
+        true,
+        cfg!(feature = "redlock"),
+    ),
+    scheme("etcd", "etcd", Some("etcd"), true, cfg!(feature = "etcd")),
+    scheme(
+        "zk",
+        "zookeeper",
+        Some("zookeeper"),
+        true,
+        cfg!(feature = "zookeeper"),
+    ),
+    scheme(
+        "zookeeper",
+        "zookeeper",
+        Some("zookeeper"),
+        true,
+        cfg!(feature = "zookeeper"),
+    ),
     scheme("postgres", "postgres", Some("postgres"), false, false),
     scheme("postgresql", "postgres", Some("postgres"), false, false),
     scheme("mysql", "mysql", Some("mysql"), false, false),
@@ -104,6 +134,34 @@ pub async fn open_backend(url: StoreUrl) -> Result<Arc<dyn LockBackend>> {
             let config = fencelock_sql::SqliteConfig::from_store_url(url)?;
             Ok(Arc::new(
                 fencelock_sql::SqliteBackend::connect(config).await?,
+            ))
+        }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => {
+            let config = fencelock_redis::RedisConfig::from_store_url(url)?;
+            Ok(Arc::new(
+                fencelock_redis::RedisBackend::connect(config).await?,
+            ))
+        }
+        #[cfg(feature = "redlock")]
+        "redlock" => {
+            let config = fencelock_redlock::RedlockConfig::from_store_url(url)?;
+            Ok(Arc::new(
+                fencelock_redlock::RedlockBackend::connect(config).await?,
+            ))
+        }
+        #[cfg(feature = "etcd")]
+        "etcd" => {
+            let config = fencelock_etcd::EtcdConfig::from_store_url(url)?;
+            Ok(Arc::new(
+                fencelock_etcd::EtcdBackend::connect(config).await?,
+            ))
+        }
+        #[cfg(feature = "zookeeper")]
+        "zk" | "zookeeper" => {
+            let config = fencelock_zookeeper::ZooKeeperConfig::from_store_url(url)?;
+            Ok(Arc::new(
+                fencelock_zookeeper::ZooKeeperBackend::connect(config).await?,
             ))
         }
         other => Err(unavailable(other)),
@@ -181,14 +239,26 @@ mod tests {
     #[test]
     fn planned_store_says_it_is_not_in_this_release_and_names_its_feature() {
         for (url, feature) in [
-            ("redis://127.0.0.1/", "`redis`"),
-            ("etcd://h:1", "`etcd`"),
-            ("zk://h:1/r", "`zookeeper`"),
             ("mariadb://h/db", "`mysql`"),
+            ("postgres://h/db", "`postgres`"),
         ] {
             let err = config_error(url);
             assert!(
                 err.contains("not in this release") && err.contains(feature),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_store_whose_feature_is_off_names_the_feature_to_enable() {
+        let off = schemes().iter().filter(|s| s.in_this_release && !s.enabled);
+        for info in off {
+            let err = config_error(&format!("{}://127.0.0.1:1/", info.scheme));
+            let feature = info.feature.unwrap_or_default();
+            assert!(
+                err.contains(&format!("cargo feature `{feature}`"))
+                    && err.contains(&format!("features = [\"{feature}\"]")),
                 "{err}"
             );
         }

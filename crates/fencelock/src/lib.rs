@@ -25,9 +25,14 @@
 //! |---|---|---|
 //! | `memory://` or `memory://NAME` | always | in-process, for unit tests |
 //! | `sqlite://PATH` | `sqlite` (default) | embedded SQLite file, safe across processes on one host |
+//! | `redis://[user:pass@]host:port[/db]` | `redis` | single-node Redis |
+//! | `redlock://h1:p,h2:p,h3:p` | `redlock` | Redlock over N independent Redis nodes |
+//! | `etcd://h1:p,h2:p` | `etcd` | etcd v3 (`concurrency.Mutex` layout) |
+//! | `zk://h1:p,h2:p/root`, `zookeeper://` | `zookeeper` | ZooKeeper (Curator `InterProcessMutex` layout) |
 //!
-//! Redis, Redlock, etcd, ZooKeeper, Postgres and MySQL/MariaDB are planned; their
-//! schemes are recognised and answer with an error saying so.
+//! Postgres and MySQL/MariaDB are planned; their schemes are recognised and answer
+//! with an error saying so. A scheme whose feature is off answers with an error naming
+//! the feature.
 //!
 //! # URL options
 //! `ttl` (default TTL, e.g. `?ttl=10s`) and `wait` (default wait, e.g. `&wait=5s`;
@@ -41,6 +46,18 @@ mod connect;
 pub use connect::{SchemeInfo, connect, open_backend, schemes};
 pub use fencelock_core::*;
 
+/// The etcd store.
+#[cfg(feature = "etcd")]
+pub use fencelock_etcd as etcd;
+/// The Redis store.
+#[cfg(feature = "redis")]
+pub use fencelock_redis as redis;
+/// The Redlock store.
+#[cfg(feature = "redlock")]
+pub use fencelock_redlock as redlock;
 /// The SQL stores (SQLite today).
 #[cfg(feature = "sqlite")]
 pub use fencelock_sql as sql;
+/// The ZooKeeper store.
+#[cfg(feature = "zookeeper")]
+pub use fencelock_zookeeper as zookeeper;

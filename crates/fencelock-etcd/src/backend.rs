@@ -1,0 +1,707 @@
+//! The [`LockBackend`] on etcd: `concurrency.Mutex`'s key layout on one session lease.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchStream,
+};
+use fencelock_core::{
+    AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
+    LockState, LossReason, OwnerId, Result, StoreEvent, WaitDeadline, WaitKind, async_trait,
+    valid_until,
+};
+use tokio::sync::{Notify, broadcast};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use crate::EtcdConfig;
+use crate::session::Session;
+
+/// The store's name in messages.
+pub(crate) const STORE: &str = "etcd";
+/// etcd's default limit on operations in one transaction.
+const MAX_TXN_OPS: usize = 128;
+/// Sessions started for one acquisition before giving up (a session can end mid-wait).
+const MAX_SESSIONS_PER_ACQUIRE: usize = 3;
+/// Wake-ups of one waiter before it gives up; each needs a deletion in its queue.
+const MAX_WAKES: usize = 100_000;
+/// How long a background delete of an abandoned key may take.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`LockBackend`] on an etcd v3 cluster.
+///
+/// The lock `NAME` is the set of keys under `{prefix}NAME/`; an acquisition puts
+/// `{prefix}NAME/{lease:x}-{owner}` on this backend's session lease, and the key with
+/// the lowest create revision holds the lock (etcd's `concurrency.Mutex`, which
+/// `etcdctl lock` uses, so the two exclude each other on the same name). The fencing
+/// token is that key's create revision. A waiter watches only the deletion of the key
+/// just before its own.
+///
+/// One session lease per backend is kept alive by one keep-alive stream; renewals cost
+/// no writes (one read batch to confirm the keys). A grant not renewed within its TTL
+/// is deleted by this backend, so TTLs mean what they mean on every other store; a
+/// client that stops altogether loses its grants when the session lease expires
+/// ([`EtcdConfig::session_ttl`]).
+pub struct EtcdBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    config: EtcdConfig,
+    /// The current session, if one was started; replaced once it is lost.
+    session: Mutex<Option<Arc<Session>>>,
+    /// Serializes starting a session, so one backend has one at a time.
+    starting: tokio::sync::Mutex<()>,
+    grants: Arc<Grants>,
+    events: broadcast::Sender<StoreEvent>,
+    reaper: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reaper.abort();
+    }
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keys this backend wrote, so a key whose grant ran out, or whose acquisition was
+/// dropped, is deleted in the background.
+#[derive(Default)]
+struct Grants {
+    by_key: Mutex<HashMap<String, Grant>>,
+    wake: Notify,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Grant {
+    /// The session lease the key is on.
+    session: i64,
+    /// The key's create revision; 0 while unknown (the put may be in flight).
+    token: i64,
+    /// When to delete the key; `None` while its acquisition is still running.
+    reap_at: Option<Instant>,
+    /// After reaping, delete once more this much later: a dropped put may still land.
+    again_after: Option<Duration>,
+}
+
+impl Grants {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Grant>> {
+        // Every update is a single insert, remove or field write: poisoning is harmless.
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the keys due for deletion at `now`, and the next instant one falls due.
+    fn due(&self, now: Instant) -> (Vec<(String, i64)>, Option<Instant>) {
+        let mut by_key = self.lock();
+        let mut due = Vec::new();
+        by_key.retain(|key, grant| match grant.reap_at {
+            Some(at) if at <= now => {
+                due.push((key.clone(), grant.token));
+                match grant.again_after.take() {
+                    Some(later) => {
+                        grant.reap_at = Some(now + later);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => true,
+        });
+        let next = by_key.values().filter_map(|g| g.reap_at).min();
+        (due, next)
+    }
+
+    fn schedule(&self, key: &str, at: Instant, again_after: Option<Duration>) {
+        if let Some(grant) = self.lock().get_mut(key) {
+            grant.reap_at = Some(at);
+            grant.again_after = again_after;
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Deletes keys whose grant ran out or whose acquisition was abandoned.
+async fn reap(client: Client, grants: Arc<Grants>) {
+    loop {
+        let (due, next) = grants.due(Instant::now());
+        for (key, token) in due {
+            let deleted = timeout(REAP_TIMEOUT, delete_own_key(&client, &key, token)).await;
+            if !matches!(deleted, Ok(Ok(_))) {
+                // The session lease's expiry frees the key if etcd stays unreachable.
+                tracing::debug!(key, "etcd: could not delete an expired or abandoned key");
+            }
+        }
+        let far = Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            () = grants.wake.notified() => {}
+            () = sleep_until(next.unwrap_or(far)) => {}
+        }
+    }
+}
+
+/// Deletes `key` if it still has create revision `token` (any revision when `token`
+/// is 0: the key is unique to one acquisition). Returns whether it was deleted.
+async fn delete_own_key(client: &Client, key: &str, token: i64) -> Result<bool> {
+    let mut kv = client.kv_client();
+    if token == 0 {
+        let deleted = kv
+            .delete(key, None)
+            .await
+            .map_err(|err| etcd_error("delete an abandoned key", err))?;
+        return Ok(deleted.deleted() > 0);
+    }
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, token)])
+        .and_then([TxnOp::delete(key, None)]);
+    let done = kv
+        .txn(txn)
+        .await
+        .map_err(|err| etcd_error("delete a lock key", err))?;
+    Ok(done.succeeded())
+}
+
+/// An acquisition's key until it is granted: dropped before that, it schedules the
+/// key's deletion (and one more later, in case the put was still in flight).
+struct Pending<'a> {
+    grants: &'a Grants,
+    key: String,
+    ttl: Duration,
+    armed: bool,
+}
+
+impl<'a> Pending<'a> {
+    fn new(grants: &'a Grants, key: String, session: i64, ttl: Duration) -> Self {
+        grants.lock().insert(
+            key.clone(),
+            Grant {
+                session,
+                token: 0,
+                reap_at: None,
+                again_after: None,
+            },
+        );
+        Self {
+            grants,
+            key,
+            ttl,
+            armed: true,
+        }
+    }
+
+    fn set_token(&self, token: i64) {
+        if let Some(grant) = self.grants.lock().get_mut(&self.key) {
+            grant.token = token;
+        }
+    }
+
+    /// The key now holds the lock: delete it at `reap_at` unless renewed.
+    fn granted(mut self, reap_at: Instant) {
+        self.grants.schedule(&self.key, reap_at, None);
+        self.armed = false;
+    }
+
+    /// The key was deleted: forget it.
+    fn deleted(mut self) {
+        self.grants.lock().remove(&self.key);
+        self.armed = false;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.grants
+                .schedule(&self.key, Instant::now(), Some(self.ttl));
+        }
+    }
+}
+
+/// How one try with one session ended.
+enum Attempt {
+    Done(Result<Lease>),
+    /// The session ended, or our key vanished, while waiting: try again with a new key.
+    Again(Error),
+}
+
+pub(crate) fn etcd_error(context: &str, err: etcd_client::Error) -> Error {
+    let temporary = !matches!(
+        err,
+        etcd_client::Error::InvalidArgs(_)
+            | etcd_client::Error::InvalidUri(_)
+            | etcd_client::Error::EndpointError(_)
+            | etcd_client::Error::Utf8Error(_)
+    );
+    Error::backend(STORE, context.to_owned(), temporary, err)
+}
+
+fn lost(lease: &Lease, reason: LossReason) -> Error {
+    Error::Lost {
+        name: lease.name().clone(),
+        store: STORE,
+        token: lease.token(),
+        reason,
+    }
+}
+
+fn token_of(lease: &Lease) -> i64 {
+    i64::try_from(lease.token().0).unwrap_or(i64::MAX)
+}
+
+/// The keys under `dir` in create-revision order, excluding keys of longer names
+/// (`dir` = `a/` must not count `a/b/x`, which belongs to the lock `a/b`).
+fn queue_options() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+}
+
+fn queue<'k>(dir: &str, kvs: &'k [KeyValue]) -> Vec<&'k KeyValue> {
+    kvs.iter()
+        .filter(|kv| {
+            kv.key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(dir))
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+        })
+        .collect()
+}
+
+fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision())
+}
+
+impl EtcdBackend {
+    /// Connects to the cluster in `config` and starts a session.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration; a temporary
+    /// [`Error::Backend`] when no endpoint answers or the session lease cannot be
+    /// granted.
+    pub async fn connect(config: EtcdConfig) -> Result<Self> {
+        config.validate()?;
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(config.connect_timeout)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(user) = &config.user {
+            options = options.with_user(user.clone(), config.password.clone().unwrap_or_default());
+        }
+        let client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(|err| etcd_error("connect", err))?;
+        let grants = Arc::new(Grants::default());
+        let (events, _) = broadcast::channel(64);
+        let reaper = tokio::spawn(reap(client.clone(), Arc::clone(&grants)));
+        let backend = Self {
+            inner: Arc::new(Inner {
+                client,
+                config,
+                session: Mutex::new(None),
+                starting: tokio::sync::Mutex::new(()),
+                grants,
+                events,
+                reaper,
+            }),
+        };
+        backend.session().await?;
+        Ok(backend)
+    }
+
+    /// Connects by URL (`etcd://h1:p1,h2:p2?prefix=...`).
+    ///
+    /// # Errors
+    /// As [`EtcdConfig::from_url`] and [`connect`](Self::connect).
+    pub async fn connect_url(url: &str) -> Result<Self> {
+        Self::connect(EtcdConfig::from_url(url)?).await
+    }
+
+    /// The configuration this backend was connected with.
+    pub fn config(&self) -> &EtcdConfig {
+        &self.inner.config
+    }
+
+    /// The etcd client this backend uses, for tools and tests.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The id of the current session lease, if a live session exists.
+    pub fn session_lease(&self) -> Option<i64> {
+        self.live_session().map(|s| s.id())
+    }
+
+    /// The key directory of `name`: `{prefix}{name}/`.
+    pub fn key_dir(&self, name: &LockName) -> String {
+        format!("{}{}/", self.inner.config.prefix, name.as_str())
+    }
+
+    fn live_session(&self) -> Option<Arc<Session>> {
+        let current = self.inner.session.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|s| s.deadline().is_some()).cloned()
+    }
+
+    /// The live session, starting a new one if there is none.
+    async fn session(&self) -> Result<Arc<Session>> {
+        if let Some(session) = self.live_session() {
+            return Ok(session);
+        }
+        let _starting = self.inner.starting.lock().await;
+        if let Some(session) = self.live_session() {
+            return Ok(session);
+        }
+        let session = Arc::new(
+            Session::start(
+                &self.inner.client,
+                self.inner.config.session_ttl_secs(),
+                self.inner.events.clone(),
+            )
+            .await?,
+        );
+        *self.inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&session));
+        Ok(session)
+    }
+
+    /// Reads the queue of `dir`: its keys in create order, and the read's revision.
+    async fn read_queue(&self, dir: &str) -> Result<(Vec<KeyValue>, i64)> {
+        let got = self
+            .inner
+            .client
+            .kv_client()
+            .get(dir, Some(queue_options().with_keys_only()))
+            .await
+            .map_err(|err| etcd_error("read a lock's queue", err))?;
+        let rev = revision(got.header());
+        Ok((queue(dir, got.kvs()).into_iter().cloned().collect(), rev))
+    }
+
+    async fn attempt(
+        &self,
+        req: &AcquireRequest,
+        session: &Session,
+        wait: &WaitDeadline,
+    ) -> Attempt {
+        let dir = self.key_dir(&req.name);
+        let key = format!("{dir}{:x}-{}", session.id(), req.owner);
+        let pending = Pending::new(&self.inner.grants, key.clone(), session.id(), req.ttl);
+        let mut sent = Instant::now();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    key.as_str(),
+                    req.owner.as_str(),
+                    Some(PutOptions::new().with_lease(session.id())),
+                ),
+                TxnOp::get(dir.as_str(), Some(queue_options().with_keys_only())),
+            ])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let put = match self.inner.client.kv_client().txn(txn).await {
+            Ok(put) => put,
+            Err(err) => {
+                return Attempt::Done(Err(etcd_error(&format!("acquire `{}`", req.name), err)));
+            }
+        };
+        if !put.succeeded() {
+            return Attempt::Done(Err(Error::backend(
+                STORE,
+                format!("acquire `{}`", req.name),
+                false,
+                format!("the key {key} already existed; owner ids must be unique"),
+            )));
+        }
+        let mine = revision(put.header());
+        pending.set_token(mine);
+        let mut keys = match put.op_responses().into_iter().nth(1) {
+            Some(TxnOpResponse::Get(got)) => queue(&dir, got.kvs()).into_iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let mut read_at = mine;
+        for _ in 0..MAX_WAKES {
+            // Our key must still be there (the Jepsen check: a waiter whose session
+            // expired must not take the lock just because its predecessor went away).
+            let Some(place) = keys.iter().position(|kv| kv.create_revision() == mine) else {
+                pending.deleted();
+                return Attempt::Again(lost_while_waiting(&req.name));
+            };
+            if place == 0 {
+                let Some(session_deadline) = session.deadline() else {
+                    return Attempt::Again(lost_while_waiting(&req.name));
+                };
+                let token = FencingToken(u64::try_from(mine).unwrap_or(0));
+                let valid = valid_until(sent, req.ttl).min(session_deadline);
+                pending.granted(sent + req.ttl);
+                let lease = Lease::new(req.name.clone(), req.owner.clone(), token, valid);
+                return Attempt::Done(Ok(lease.with_locator(key)));
+            }
+            if !wait.may_wait() || wait.passed() {
+                return Attempt::Done(Err(self.give_up(pending, &key, mine, req, wait).await));
+            }
+            let before = keys[place - 1].key().to_vec();
+            let woken = tokio::select! {
+                woken = watch_deletion(&self.inner.client, before, read_at + 1) => woken,
+                () = session.lost() => return Attempt::Again(lost_while_waiting(&req.name)),
+                () = sleep_until(wait.deadline().unwrap_or_else(far_future)) => {
+                    return Attempt::Done(Err(self.give_up(pending, &key, mine, req, wait).await));
+                }
+            };
+            if let Err(err) = woken {
+                return Attempt::Done(Err(err));
+            }
+            sent = Instant::now();
+            match self.read_queue(&dir).await {
+                Ok((now, at)) => (keys, read_at) = (now, at),
+                Err(err) => return Attempt::Done(Err(err)),
+            }
+        }
+        Attempt::Done(Err(Error::backend(
+            STORE,
+            format!("acquire `{}`", req.name),
+            true,
+            format!("woken {MAX_WAKES} times without being granted"),
+        )))
+    }
+
+    /// Deletes a waiter's key before it reports `Contended`/`Timeout`, so the next
+    /// acquirer does not queue behind it.
+    async fn give_up(
+        &self,
+        pending: Pending<'_>,
+        key: &str,
+        token: i64,
+        req: &AcquireRequest,
+        wait: &WaitDeadline,
+    ) -> Error {
+        if delete_own_key(&self.inner.client, key, token).await.is_ok() {
+            pending.deleted();
+        }
+        wait.give_up(&req.name, STORE)
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+fn lost_while_waiting(name: &LockName) -> Error {
+    Error::backend(
+        STORE,
+        format!("acquire `{name}`"),
+        true,
+        "the session ended (or the waiting key was deleted) while waiting; retry",
+    )
+}
+
+/// Waits until `key` is deleted at or after `from` (or the watch is cancelled, e.g.
+/// by compaction, or the stream ends: the caller re-reads the queue either way).
+async fn watch_deletion(client: &Client, key: Vec<u8>, from: i64) -> Result<()> {
+    let options = WatchOptions::new()
+        .with_start_revision(from)
+        .with_filters([WatchFilterType::NoPut]);
+    let mut stream: WatchStream = client
+        .watch_client()
+        .watch(key, Some(options))
+        .await
+        .map_err(|err| etcd_error("watch the key before ours", err))?;
+    // Bounded: each message is either the creation notice, a progress notice or the end.
+    for _ in 0..MAX_WAKES {
+        match stream.message().await {
+            Ok(Some(reply)) => {
+                if reply.canceled()
+                    || reply.compact_revision() > 0
+                    || reply
+                        .events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                {
+                    return Ok(());
+                }
+            }
+            Ok(None) | Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl LockBackend for EtcdBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            store: STORE,
+            fencing: true,
+            fifo: true,
+            wait: WaitKind::Notify,
+            lease: LeaseKind::Session,
+            shared_between_processes: true,
+        }
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
+        fencelock_core::check_ttl(req.ttl)?;
+        let wait = WaitDeadline::start(req.wait);
+        let mut last = None;
+        for _ in 0..MAX_SESSIONS_PER_ACQUIRE {
+            let session = self.session().await?;
+            match self.attempt(&req, &session, &wait).await {
+                Attempt::Done(result) => return result,
+                Attempt::Again(err) => last = Some(err),
+            }
+            if wait.passed() {
+                return Err(wait.give_up(&req.name, STORE));
+            }
+        }
+        Err(last.unwrap_or_else(|| lost_while_waiting(&req.name)))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let mut results = self.renew_all(&[(lease.clone(), ttl)]).await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(lost(lease, LossReason::NotOurs)))
+    }
+
+    /// Costs no write: checks locally that the session lives and the grant has not
+    /// run out, then confirms every key with one read per 128 leases.
+    async fn renew_all(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
+        let sent = Instant::now();
+        let session = self.live_session();
+        let mut results: Vec<Option<Result<Lease>>> = Vec::with_capacity(leases.len());
+        {
+            let grants = self.inner.grants.lock();
+            for (lease, _) in leases {
+                let grant = lease.locator().and_then(|key| grants.get(key));
+                let verdict = match (&session, grant) {
+                    (None, _) => Some(Err(lost(lease, LossReason::SessionEnded))),
+                    (Some(s), Some(g)) if g.session != s.id() => {
+                        Some(Err(lost(lease, LossReason::SessionEnded)))
+                    }
+                    (Some(_), Some(g))
+                        if g.token == token_of(lease) && g.reap_at.is_some_and(|at| at > sent) =>
+                    {
+                        None
+                    }
+                    _ => Some(Err(lost(lease, LossReason::NotOurs))),
+                };
+                results.push(verdict);
+            }
+        }
+        let unknown: Vec<usize> = (0..leases.len())
+            .filter(|&i| results[i].is_none())
+            .collect();
+        for chunk in unknown.chunks(MAX_TXN_OPS) {
+            let reads: Vec<TxnOp> = chunk
+                .iter()
+                .map(|&i| {
+                    let key = leases[i].0.locator().unwrap_or_default();
+                    TxnOp::get(key, Some(GetOptions::new().with_keys_only()))
+                })
+                .collect();
+            let answer = self
+                .inner
+                .client
+                .kv_client()
+                .txn(Txn::new().and_then(reads))
+                .await;
+            let answer = match answer {
+                Ok(answer) => answer.op_responses(),
+                Err(err) => {
+                    let err = etcd_error("confirm held lock keys", err);
+                    let text = err.to_string();
+                    for &i in chunk {
+                        results[i] = Some(Err(Error::backend(STORE, "renew", true, text.clone())));
+                    }
+                    continue;
+                }
+            };
+            let session_deadline = session.as_ref().and_then(|s| s.deadline());
+            let mut grants = self.inner.grants.lock();
+            for (&i, reply) in chunk.iter().zip(answer) {
+                let (lease, ttl) = &leases[i];
+                let token = token_of(lease);
+                let present = matches!(&reply, TxnOpResponse::Get(got)
+                    if got.kvs().first().is_some_and(|kv| kv.create_revision() == token));
+                let key = lease.locator().unwrap_or_default();
+                let grant = grants.get_mut(key).filter(|g| g.token == token);
+                results[i] = Some(match (present, grant, session_deadline) {
+                    (true, Some(grant), Some(deadline)) => {
+                        grant.reap_at = Some(sent + *ttl);
+                        Ok(lease.clone().renewed(valid_until(sent, *ttl).min(deadline)))
+                    }
+                    (_, _, None) => Err(lost(lease, LossReason::SessionEnded)),
+                    _ => {
+                        grants.remove(key);
+                        let _ = self.inner.events.send(StoreEvent::LeaseLost {
+                            name: lease.name().clone(),
+                            owner: lease.owner().clone(),
+                        });
+                        Err(lost(lease, LossReason::NotOurs))
+                    }
+                });
+            }
+        }
+        results
+            .into_iter()
+            .zip(leases)
+            .map(|(r, (lease, _))| r.unwrap_or_else(|| Err(lost(lease, LossReason::NotOurs))))
+            .collect()
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let Some(key) = lease.locator() else {
+            return Err(lost(lease, LossReason::NotOurs));
+        };
+        let token = token_of(lease);
+        let known = self.inner.grants.lock().remove(key);
+        match delete_own_key(&self.inner.client, key, token).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(lost(lease, LossReason::NotOurs)),
+            Err(err) => {
+                // Leave the deletion to the reaper rather than to the session's end.
+                if let Some(mut grant) = known {
+                    grant.reap_at = Some(Instant::now());
+                    self.inner.grants.lock().insert(key.to_owned(), grant);
+                    self.inner.grants.wake.notify_one();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn events(&self) -> Option<broadcast::Receiver<StoreEvent>> {
+        Some(self.inner.events.subscribe())
+    }
+
+    async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
+        let dir = self.key_dir(name);
+        let got = self
+            .inner
+            .client
+            .kv_client()
+            .get(dir.as_str(), Some(queue_options()))
+            .await
+            .map_err(|err| etcd_error(&format!("inspect `{name}`"), err))?;
+        let keys = queue(&dir, got.kvs());
+        Ok(keys.first().map(|kv| {
+            // Keys from `etcdctl lock` or Go's Mutex have an empty value: show the key.
+            let holder = match kv.value_str() {
+                Ok(owner) if !owner.is_empty() => owner.to_owned(),
+                _ => kv.key_str().unwrap_or_default()[dir.len()..].to_owned(),
+            };
+            LockState {
+                holder: OwnerId::from_stored(holder),
+                token: FencingToken(u64::try_from(kv.create_revision()).unwrap_or(0)),
+                remaining: None,
+            }
+        }))
+    }
+}

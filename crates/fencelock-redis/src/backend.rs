@@ -1,0 +1,436 @@
+//! [`LockBackend`] on one Redis server: one key per held lock, one script per operation.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fencelock_core::{
+    AcquireRequest, Capabilities, Error, Lease, LeaseKind, LockBackend, LockName, LockState,
+    LossReason, OwnerId, Result, WaitDeadline, WaitKind, async_trait, valid_until,
+};
+use redis::aio::ConnectionManager;
+use tokio::time::Instant;
+
+use crate::connection::{self, ConnectOptions, backend_error};
+use crate::scripts::{self, Attempt, KeySpace, Renewal};
+use crate::wake::{WakeListener, Wakers};
+use crate::{RedisConfig, RedisFenceGate, STORE};
+
+/// Leases per renewal script: large batches are split so no script blocks the server
+/// for long; the chunks go out together on one connection.
+const RENEW_CHUNK: usize = 1000;
+
+/// How long a waiter sleeps before looking again at a grant that has no expiry (one an
+/// operator wrote by hand): such a grant can only end by a release, which publishes.
+const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
+
+/// Locks on one Redis server.
+///
+/// # How it works
+/// Each operation is one Lua script run by `EVALSHA` (reloaded on `NOSCRIPT`), so it
+/// is atomic on the server (their text is in `src/scripts.rs`):
+///
+/// - **acquire**: if `{prefix}lock:{name}` does not exist, mint the token and
+///   `SET {prefix}lock:{name} {owner}:{token} NX PX ttl`; otherwise return the
+///   holder's `PTTL`.
+/// - **renew**: `PEXPIRE` the key if it still holds exactly `{owner}:{token}`;
+///   [`renew_all`](LockBackend::renew_all) checks and extends a whole watchdog tick in
+///   one script (one round trip for up to 1000 leases; larger ticks send several
+///   scripts together).
+/// - **release**: `DEL` the key if it still holds exactly `{owner}:{token}`, then
+///   `PUBLISH {prefix}released {name}`.
+///
+/// Validity is computed on this side from the instant the request was sent
+/// ([`valid_until`]); the TTL runs on the server from when it ran the script, which is
+/// later, so the local view never outlasts the server's.
+///
+/// # Fencing tokens
+/// The acquire script mints `token = max(counter + 1, server time in µs)` and stores
+/// it in `{prefix}token:{name}`, which expires [`token_ttl`](RedisConfig::token_ttl)
+/// after the last grant (so names no longer used do not keep memory). Tokens of a name
+/// therefore rise with every grant, and a counter that is missing (expired, deleted,
+/// or lost with all data in a restart without persistence) is re-seeded from the
+/// server's `TIME`, above every token minted before, **as long as the server's clock
+/// does not go back** across the loss (a replica promoted with a slower clock, a clock
+/// stepped back by hand) and fewer than a million grants of one name happen per second
+/// (a single server does not reach that).
+///
+/// # Waiting
+/// [`WaitKind::Notify`]: each backend keeps one pub/sub connection subscribed to
+/// `{prefix}released`; a release wakes this process's waiters on that name, which try
+/// again at once. An expiry publishes nothing, so a waiter also wakes when the
+/// holder's remaining time (returned by its failed attempt) has passed. Not FIFO.
+///
+/// # Cancel safety
+/// An acquire whose reply was not seen (its future was dropped, the command timed out
+/// or the connection failed) may still have been applied: the backend then releases
+/// the name by owner in the background, and otherwise the grant ends at its TTL.
+///
+/// # Limits
+/// A single server is a single point of failure, and a failover to an asynchronous
+/// replica can lose a grant (two holders at once); fencing tokens from a replica whose
+/// clock is behind can repeat. Use Redlock over independent servers, or another store,
+/// if that matters. The server's `maxmemory-policy` must not evict keys (checked at
+/// connect, see [`RedisConfig::allow_eviction`]).
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    config: RedisConfig,
+    keys: KeySpace,
+    address: String,
+    wakers: Arc<Wakers>,
+    _listener: WakeListener,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("server", &self.inner.address)
+            .field("db", &self.inner.config.node.db)
+            .field("prefix", &self.inner.config.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Connects to the server of `config`, checks that its eviction policy cannot free
+    /// held locks, and subscribes to its release channel.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad configuration or an evicting server (see
+    /// [`RedisConfig::allow_eviction`]); [`Error::Backend`] (temporary) naming the
+    /// address if the server cannot be reached.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        config.validate()?;
+        let options = ConnectOptions {
+            timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
+            allow_eviction: config.allow_eviction,
+        };
+        let conn = connection::connect(&config.node, options).await?;
+        let keys = KeySpace::new(config.prefix.clone());
+        let address = config.node.address();
+        let wakers = Arc::new(Wakers::default());
+        let listener = WakeListener::subscribe(
+            connection::client(&config.node)?,
+            keys.channel(),
+            &wakers,
+            config.connect_timeout,
+        )
+        .await
+        .map_err(|err| backend_error(format!("subscribe to releases on {address}"), err))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn,
+                config,
+                keys,
+                address,
+                wakers,
+                _listener: listener,
+            }),
+        })
+    }
+
+    /// [`connect`](Self::connect) with the configuration parsed from `url`
+    /// (`redis://...`, see [`RedisConfig`]).
+    ///
+    /// # Errors
+    /// As [`RedisConfig::from_url`] and [`connect`](Self::connect).
+    pub async fn open(url: &str) -> Result<Self> {
+        Self::connect(RedisConfig::from_url(url)?).await
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// The key that holds the grant of `name` (`{prefix}lock:{name}`), for operators
+    /// and tests.
+    pub fn lock_key(&self, name: &LockName) -> String {
+        self.inner.keys.lock(name.as_str())
+    }
+
+    /// The key that holds the token counter of `name` (`{prefix}token:{name}`).
+    pub fn token_key(&self, name: &LockName) -> String {
+        self.inner.keys.token(name.as_str())
+    }
+
+    /// A [`RedisFenceGate`] on this server and prefix, sharing this backend's
+    /// connection.
+    pub fn fence_gate(&self) -> RedisFenceGate {
+        RedisFenceGate::with_connection(
+            self.inner.conn.clone(),
+            self.inner.keys.clone(),
+            self.inner.address.clone(),
+        )
+    }
+
+    fn context(&self, what: impl fmt::Display) -> String {
+        format!("{what} on {}", self.inner.address)
+    }
+
+    fn failed(&self, what: impl fmt::Display, err: redis::RedisError) -> Error {
+        backend_error(self.context(what), err)
+    }
+
+    fn lost(lease: &Lease) -> Error {
+        Error::Lost {
+            name: lease.name().clone(),
+            store: STORE,
+            token: lease.token(),
+            reason: LossReason::NotOurs,
+        }
+    }
+
+    /// One attempt: the lease if granted, else how long the holder keeps it.
+    async fn attempt(
+        &self,
+        req: &AcquireRequest,
+    ) -> Result<std::result::Result<Lease, Option<Duration>>> {
+        let mut conn = self.inner.conn.clone();
+        let in_flight = InFlight {
+            backend: Some(self),
+            name: &req.name,
+            owner: &req.owner,
+        };
+        let sent = Instant::now();
+        let outcome = scripts::acquire(
+            &mut conn,
+            &self.inner.keys,
+            req.name.as_str(),
+            &req.owner,
+            req.ttl,
+            self.inner.config.token_ttl,
+        )
+        .await
+        .map_err(|err| self.failed(format_args!("acquire `{}`", req.name), err))?;
+        in_flight.settle();
+        Ok(match outcome {
+            Attempt::Granted(token) => Ok(Lease::new(
+                req.name.clone(),
+                req.owner.clone(),
+                token,
+                valid_until(sent, req.ttl),
+            )),
+            Attempt::Held(remaining) => Err(remaining),
+        })
+    }
+
+    /// Renews up to [`RENEW_CHUNK`] leases in one script.
+    async fn renew_chunk(&self, chunk: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
+        let batch: Vec<Renewal<'_>> = chunk
+            .iter()
+            .map(|(lease, ttl)| Renewal {
+                name: lease.name().as_str(),
+                owner: lease.owner(),
+                token: Some(lease.token()),
+                ttl: *ttl,
+            })
+            .collect();
+        let mut conn = self.inner.conn.clone();
+        let sent = Instant::now();
+        match scripts::renew(&mut conn, &self.inner.keys, &batch).await {
+            Ok(renewed) => chunk
+                .iter()
+                .zip(renewed)
+                .map(|((lease, ttl), renewed)| {
+                    if renewed {
+                        Ok(lease.clone().renewed(valid_until(sent, *ttl)))
+                    } else {
+                        Err(Self::lost(lease))
+                    }
+                })
+                .collect(),
+            Err(err) => {
+                let temporary = connection::is_temporary(&err);
+                let err = Arc::new(err);
+                chunk
+                    .iter()
+                    .map(|(lease, _)| {
+                        Err(Error::backend(
+                            STORE,
+                            self.context(format_args!("renew `{}`", lease.name())),
+                            temporary,
+                            Arc::clone(&err),
+                        ))
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for RedisBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            store: STORE,
+            fencing: true,
+            fifo: false,
+            wait: WaitKind::Notify,
+            lease: LeaseKind::Ttl,
+            shared_between_processes: true,
+        }
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
+        let deadline = WaitDeadline::start(req.wait);
+        if !deadline.may_wait() {
+            return self
+                .attempt(&req)
+                .await?
+                .map_err(|_| deadline.give_up(&req.name, STORE));
+        }
+        let waiter = self.inner.wakers.join(req.name.as_str());
+        // Ends at the deadline; each round waits for a release or the holder's expiry.
+        loop {
+            // Made before the attempt, so a release between the attempt and the wait
+            // still wakes this waiter.
+            let released = waiter.notify().notified();
+            let remaining = match self.attempt(&req).await? {
+                Ok(lease) => return Ok(lease),
+                Err(remaining) => remaining,
+            };
+            if deadline.passed() {
+                return Err(deadline.give_up(&req.name, STORE));
+            }
+            // An expiry publishes nothing: look again just after the holder's TTL.
+            let fallback = remaining.map_or(NO_EXPIRY_RECHECK, |d| d + Duration::from_millis(1));
+            tracing::debug!(
+                lock = %req.name,
+                store = STORE,
+                held_for_ms = u64::try_from(fallback.as_millis()).unwrap_or(u64::MAX),
+                "lock is held; waiting for its release"
+            );
+            tokio::select! {
+                () = released => {}
+                () = tokio::time::sleep_until(deadline.cap(Instant::now() + fallback)) => {}
+            }
+        }
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        self.renew_chunk(&[(lease.clone(), ttl)])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(Self::lost(lease)))
+    }
+
+    async fn renew_all(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
+        // Chunks go out concurrently on the one multiplexed connection: pipelined, so
+        // a whole tick still costs about one round trip.
+        let chunks = leases
+            .chunks(RENEW_CHUNK)
+            .map(|chunk| self.renew_chunk(chunk));
+        futures_util::future::join_all(chunks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let mut conn = self.inner.conn.clone();
+        let name = lease.name().as_str();
+        let deleted = scripts::release(
+            &mut conn,
+            &self.inner.keys,
+            name,
+            lease.owner(),
+            Some(lease.token()),
+        )
+        .await
+        .map_err(|err| self.failed(format_args!("release `{name}`"), err))?;
+        if !deleted {
+            return Err(Self::lost(lease));
+        }
+        // The published message reaches this process too; waking now saves its trip.
+        self.inner.wakers.wake(name);
+        Ok(())
+    }
+
+    async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
+        let mut conn = self.inner.conn.clone();
+        let stored = scripts::inspect(&mut conn, &self.inner.keys, name.as_str())
+            .await
+            .map_err(|err| self.failed(format_args!("inspect `{name}`"), err))?;
+        let Some((value, remaining)) = stored else {
+            return Ok(None);
+        };
+        let Some((holder, Some(token))) = scripts::parse_value(&value) else {
+            return Err(Error::backend(
+                STORE,
+                self.context(format_args!("inspect `{name}`")),
+                false,
+                format!(
+                    "the key `{}` does not hold `owner:token` as fencelock writes it; it was \
+                     written by something else: delete it or give fencelock another prefix",
+                    self.inner.keys.lock(name.as_str())
+                ),
+            ));
+        };
+        Ok(Some(LockState {
+            holder,
+            token,
+            remaining,
+        }))
+    }
+}
+
+/// An acquire whose reply its caller has not seen yet. Dropped unsettled (the future
+/// was dropped mid-flight, or the command failed or timed out), it releases whatever
+/// the script may have granted, by owner, as if it had been applied.
+///
+/// The cleanup goes out on the same multiplexed connection, after the command it
+/// undoes (unless that connection broke, in which case the grant ends at its TTL).
+struct InFlight<'a> {
+    backend: Option<&'a RedisBackend>,
+    name: &'a LockName,
+    owner: &'a OwnerId,
+}
+
+impl InFlight<'_> {
+    /// The caller saw the outcome: nothing to undo.
+    fn settle(mut self) {
+        self.backend = None;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let Some(backend) = self.backend.take() else {
+            return;
+        };
+        // Without a runtime the grant, if any, ends at its TTL.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = backend.clone();
+        let name = self.name.clone();
+        let owner = self.owner.clone();
+        runtime.spawn(async move {
+            let mut conn = backend.inner.conn.clone();
+            let freed =
+                scripts::release(&mut conn, &backend.inner.keys, name.as_str(), &owner, None)
+                    .await;
+            match freed {
+                Ok(true) => {
+                    tracing::debug!(lock = %name, store = STORE, "freed a grant its acquirer never saw");
+                    backend.inner.wakers.wake(name.as_str());
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(
+                    lock = %name,
+                    store = STORE,
+                    error = %err,
+                    "could not free a grant its acquirer never saw; it ends at its TTL"
+                ),
+            }
+        });
+    }
+}

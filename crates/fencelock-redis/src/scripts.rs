@@ -1,0 +1,502 @@
+//! The Lua scripts of the store, one per operation, and the key layout they work on.
+//!
+//! Every script runs by `EVALSHA`; redis-rs loads it with `SCRIPT LOAD` and retries
+//! once when the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//!
+//! A grant is the key `{prefix}lock:{name}` holding `{owner}:{token}` with a `PX`
+//! expiry; `{prefix}token:{name}` holds the name's token counter. The two namespaces
+//! start with different literals after the prefix, so no name's lock key is another
+//! name's token key. Owner ids are 32 hex digits without `:`, so a value names its
+//! owner unambiguously. Checks compare the whole value (owner **and** token), except
+//! the cleanup of an acquire whose reply was never seen, which knows only the owner.
+//!
+//! This module is public for the Redlock driver, which runs the same scripts on each
+//! of its nodes; it is not part of the stable API.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use fencelock_core::{FencingToken, OwnerId};
+use redis::aio::ConnectionLike;
+use redis::{ErrorKind, RedisError, RedisResult, Script};
+
+/// Compares two non-negative decimal integers written without leading zeros (tokens),
+/// exactly, whatever their size (Lua numbers are doubles).
+const GREATER: &str = r"
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+";
+
+/// Whether a stored value is this grant: `owner:token` exactly, or any token of
+/// `owner` when the token is ''.
+const OURS: &str = r"
+local function ours(value, owner, token)
+  if not value then return false end
+  if token == '' then return string.sub(value, 1, #owner + 1) == owner .. ':' end
+  return value == owner .. ':' .. token
+end
+";
+
+/// The server clock in microseconds since the Unix epoch (exact in a double until the
+/// year 2255). Scripts replicate by effects (the default since Redis 5; switched on
+/// explicitly for older servers), so reading the clock before writing is allowed.
+const NOW_US: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+";
+
+/// KEYS: lock, counter. ARGV: owner, ttl ms, counter ttl ms.
+/// `{1, token}` when granted, `{0, pttl}` when held (pttl -1: held without expiry).
+///
+/// The token is `max(counter + 1, now_us)`: it rises by at least one per grant, and it
+/// never lags the server clock, so a counter lost with all data (or expired) is
+/// re-seeded above every token minted before, as long as the clock did not go back.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW_US}
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 then return {{0, pttl}} end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local token = string.format('%.0f', math.max(last + 1, now_us))
+redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2])
+return {{1, token}}"
+    ))
+});
+
+/// Redlock's first phase. KEYS: lock, counter. ARGV: owner, ttl ms.
+/// `{1, floor}` when claimed (the value is `owner:` until `RAISE` stamps the token;
+/// `floor` is `max(counter, now_us)`), `{0, pttl}` when held. A claim left by an
+/// earlier attempt of the same owner (whose release did not arrive) is taken over.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW_US}
+{OURS}
+if not ours(redis.call('GET', KEYS[1]), ARGV[1], '') then
+  local pttl = redis.call('PTTL', KEYS[1])
+  if pttl ~= -2 then return {{0, pttl}} end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':', 'PX', ARGV[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+return {{1, string.format('%.0f', math.max(last, now_us))}}"
+    ))
+});
+
+/// Redlock's second phase. KEYS: lock, counter. ARGV: owner, token, counter ttl ms.
+/// Raises the counter to at least `token` (always), and stamps a claim `owner:` that
+/// is still live as `owner:token`, keeping its expiry. Returns 1 if the claim was
+/// still ours, else 0.
+static RAISE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{GREATER}
+local last = redis.call('GET', KEYS[2])
+if (not last) or greater(ARGV[2], last) then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] .. ':' or value == ARGV[1] .. ':' .. ARGV[2] then
+  local pttl = redis.call('PTTL', KEYS[1])
+  if pttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', pttl)
+    return 1
+  end
+end
+return 0"
+    ))
+});
+
+/// KEYS: the lock keys of a batch. ARGV: owner, token ('' for any), ttl ms per key.
+/// One 1 (extended) or 0 (not ours any more) per key.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{OURS}
+local renewed = {{}}
+for i, key in ipairs(KEYS) do
+  local at = (i - 1) * 3
+  if ours(redis.call('GET', key), ARGV[at + 1], ARGV[at + 2]) then
+    redis.call('PEXPIRE', key, ARGV[at + 3])
+    renewed[i] = 1
+  else
+    renewed[i] = 0
+  end
+end
+return renewed"
+    ))
+});
+
+/// KEYS: lock. ARGV: owner, token ('' for any), channel, name.
+/// Deletes the grant if it is ours and publishes the name on the channel: 1, else 0.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{OURS}
+if ours(redis.call('GET', KEYS[1]), ARGV[1], ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return 1
+end
+return 0"
+    ))
+});
+
+/// KEYS: lock. `{value, pttl}` of the grant read atomically, or nil.
+static INSPECT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local value = redis.call('GET', KEYS[1])
+if not value then return false end
+return {value, redis.call('PTTL', KEYS[1])}",
+    )
+});
+
+/// KEYS: fence key, optionally a key to write. ARGV: token, optionally the value.
+/// Admits a token not lower than the stored one, stores it (and writes the key):
+/// `{1, token}`; refuses a lower one: `{0, stored}`.
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{GREATER}
+local stored = redis.call('GET', KEYS[1])
+if stored and greater(stored, ARGV[1]) then return {{0, stored}} end
+redis.call('SET', KEYS[1], ARGV[1])
+if KEYS[2] then redis.call('SET', KEYS[2], ARGV[2]) end
+return {{1, ARGV[1]}}"
+    ))
+});
+
+/// Loads every script into the server's cache (concurrently: about one round trip), so
+/// first uses need no `NOSCRIPT` retry.
+///
+/// # Errors
+/// The first failure.
+pub async fn load_all(conn: &(impl ConnectionLike + Send + Clone)) -> RedisResult<()> {
+    let scripts = [&ACQUIRE, &CLAIM, &RAISE, &RENEW, &RELEASE, &INSPECT, &ADMIT];
+    let loads = scripts.map(|script| {
+        let mut conn = conn.clone();
+        async move { script.prepare_invoke().load_async(&mut conn).await }
+    });
+    for loaded in futures_util::future::join_all(loads).await {
+        loaded?;
+    }
+    Ok(())
+}
+
+/// Where a prefix's keys and release channel live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySpace {
+    prefix: String,
+}
+
+impl KeySpace {
+    /// The keys under `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `{prefix}lock:{name}`: the grant of `name`.
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}lock:{name}", self.prefix)
+    }
+
+    /// `{prefix}token:{name}`: the token counter of `name`.
+    pub fn token(&self, name: &str) -> String {
+        format!("{}token:{name}", self.prefix)
+    }
+
+    /// `{prefix}fence:{resource}`: the highest token a fence gate admitted.
+    pub fn fence(&self, resource: &str) -> String {
+        format!("{}fence:{resource}", self.prefix)
+    }
+
+    /// `{prefix}released`: where releases publish the name they freed.
+    pub fn channel(&self) -> String {
+        format!("{}released", self.prefix)
+    }
+}
+
+/// The outcome of one acquire or claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Granted with this token (for a claim: the node's counter floor).
+    Granted(FencingToken),
+    /// Held by someone else for this much longer; `None` if the grant has no expiry.
+    Held(Option<Duration>),
+}
+
+/// A lease as the renewal script checks it.
+#[derive(Clone, Copy, Debug)]
+pub struct Renewal<'a> {
+    /// The lock's name.
+    pub name: &'a str,
+    /// Its owner.
+    pub owner: &'a OwnerId,
+    /// Its token, or `None` to match any token of the owner.
+    pub token: Option<FencingToken>,
+    /// The new TTL.
+    pub ttl: Duration,
+}
+
+/// Takes `name` for `owner` if free and mints its token (script `ACQUIRE`).
+///
+/// # Errors
+/// The command's failure; the grant may then have been made (undo it by owner).
+pub async fn acquire(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    name: &str,
+    owner: &OwnerId,
+    ttl: Duration,
+    token_ttl: Duration,
+) -> RedisResult<Attempt> {
+    let reply: (i64, String) = ACQUIRE
+        .key(keys.lock(name))
+        .key(keys.token(name))
+        .arg(owner.as_str())
+        .arg(millis_ceil(ttl))
+        .arg(millis_ceil(token_ttl.max(ttl)))
+        .invoke_async(conn)
+        .await?;
+    attempt(reply)
+}
+
+/// Redlock's first phase on one node: claims `name` for `owner` if free and returns
+/// the node's counter floor (script `CLAIM`).
+///
+/// # Errors
+/// As [`acquire`].
+pub async fn claim(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    name: &str,
+    owner: &OwnerId,
+    ttl: Duration,
+) -> RedisResult<Attempt> {
+    let reply: (i64, String) = CLAIM
+        .key(keys.lock(name))
+        .key(keys.token(name))
+        .arg(owner.as_str())
+        .arg(millis_ceil(ttl))
+        .invoke_async(conn)
+        .await?;
+    attempt(reply)
+}
+
+/// Redlock's second phase on one node: raises the counter of `name` to at least
+/// `token` and stamps `owner`'s claim with it (script `RAISE`). Returns whether the claim
+/// was still live; the counter is raised either way.
+///
+/// # Errors
+/// The command's failure.
+pub async fn raise(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    name: &str,
+    owner: &OwnerId,
+    token: FencingToken,
+    token_ttl: Duration,
+) -> RedisResult<bool> {
+    let live: i64 = RAISE
+        .key(keys.lock(name))
+        .key(keys.token(name))
+        .arg(owner.as_str())
+        .arg(token.0.to_string())
+        .arg(millis_ceil(token_ttl))
+        .invoke_async(conn)
+        .await?;
+    Ok(live == 1)
+}
+
+/// Extends every lease of `batch` that is still ours, in one script (script `RENEW`): one
+/// `true` per lease extended, `false` per lease lost.
+///
+/// # Errors
+/// The command's failure.
+pub async fn renew(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    batch: &[Renewal<'_>],
+) -> RedisResult<Vec<bool>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut invocation = RENEW.prepare_invoke();
+    for lease in batch {
+        invocation
+            .key(keys.lock(lease.name))
+            .arg(lease.owner.as_str())
+            .arg(lease.token.map_or_else(String::new, |t| t.0.to_string()))
+            .arg(millis_ceil(lease.ttl));
+    }
+    let renewed: Vec<i64> = invocation.invoke_async(conn).await?;
+    if renewed.len() != batch.len() {
+        return Err(unexpected(format!(
+            "the renewal script answered {} results for {} leases",
+            renewed.len(),
+            batch.len()
+        )));
+    }
+    Ok(renewed.into_iter().map(|r| r == 1).collect())
+}
+
+/// Deletes `owner`'s grant of `name` (with `token`, or any token when `None`) and
+/// publishes the release (script `RELEASE`). Returns whether it was ours.
+///
+/// # Errors
+/// The command's failure.
+pub async fn release(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    name: &str,
+    owner: &OwnerId,
+    token: Option<FencingToken>,
+) -> RedisResult<bool> {
+    let deleted: i64 = RELEASE
+        .key(keys.lock(name))
+        .arg(owner.as_str())
+        .arg(token.map_or_else(String::new, |t| t.0.to_string()))
+        .arg(keys.channel())
+        .arg(name)
+        .invoke_async(conn)
+        .await?;
+    Ok(deleted == 1)
+}
+
+/// The stored value of `name`'s grant and its remaining time (`None`: no expiry), or
+/// `None` when it is free (script `INSPECT`).
+///
+/// # Errors
+/// The command's failure.
+pub async fn inspect(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    name: &str,
+) -> RedisResult<Option<(String, Option<Duration>)>> {
+    let reply: Option<(String, i64)> = INSPECT.key(keys.lock(name)).invoke_async(conn).await?;
+    Ok(reply.map(|(value, pttl)| (value, remaining(pttl))))
+}
+
+/// Admits `token` for `resource` if not lower than the highest admitted, optionally
+/// writing `write = (key, value)` in the same script (script `ADMIT`). `Ok(Ok(()))` when
+/// admitted, `Ok(Err(highest))` when refused.
+///
+/// # Errors
+/// The command's failure.
+pub async fn admit(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    resource: &str,
+    token: FencingToken,
+    write: Option<(&str, &[u8])>,
+) -> RedisResult<Result<(), FencingToken>> {
+    let mut invocation = ADMIT.prepare_invoke();
+    invocation
+        .key(keys.fence(resource))
+        .arg(token.0.to_string());
+    if let Some((key, value)) = write {
+        invocation.key(key).arg(value);
+    }
+    let (admitted, stored): (i64, String) = invocation.invoke_async(conn).await?;
+    if admitted == 1 {
+        return Ok(Ok(()));
+    }
+    Ok(Err(parse_token(&stored)?))
+}
+
+/// Splits a stored value `owner:token` (`owner:` for a Redlock claim not yet stamped).
+pub fn parse_value(value: &str) -> Option<(OwnerId, Option<FencingToken>)> {
+    let (owner, token) = value.split_once(':')?;
+    if owner.is_empty() {
+        return None;
+    }
+    let token = match token {
+        "" => None,
+        digits => Some(FencingToken(digits.parse().ok()?)),
+    };
+    Some((OwnerId::from_stored(owner), token))
+}
+
+fn attempt((granted, value): (i64, String)) -> RedisResult<Attempt> {
+    if granted == 1 {
+        return Ok(Attempt::Granted(parse_token(&value)?));
+    }
+    let pttl: i64 = value
+        .parse()
+        .map_err(|_| unexpected(format!("`{value}` is not a remaining time")))?;
+    Ok(Attempt::Held(remaining(pttl)))
+}
+
+fn parse_token(text: &str) -> RedisResult<FencingToken> {
+    text.parse()
+        .map(FencingToken)
+        .map_err(|_| unexpected(format!("`{text}` is not a fencing token")))
+}
+
+/// A `PTTL` reply as a remaining time: `None` for -1 (no expiry); -2 (gone) and
+/// anything negative count as zero.
+fn remaining(pttl: i64) -> Option<Duration> {
+    match pttl {
+        -1 => None,
+        ms => Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+    }
+}
+
+fn unexpected(detail: String) -> RedisError {
+    RedisError::from((ErrorKind::TypeError, "unexpected script reply", detail))
+}
+
+/// A duration in whole milliseconds, rounded up (at least 1) so the store never grants
+/// less than asked.
+pub fn millis_ceil(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_and_token_keys_never_meet() {
+        let keys = KeySpace::new("p:");
+        assert_eq!(keys.lock("a"), "p:lock:a");
+        assert_eq!(keys.token("a"), "p:token:a");
+        assert_eq!(keys.channel(), "p:released");
+        // A name that looks like another namespace stays in its own.
+        assert_ne!(keys.lock("token:a"), keys.token("a"));
+        assert!(
+            keys.lock("x").starts_with("p:lock:") && keys.token("lock:x").starts_with("p:token:")
+        );
+    }
+
+    #[test]
+    fn stored_values_name_owner_and_token() {
+        let (owner, token) = parse_value("0123abcd:1732170000123456").unwrap();
+        assert_eq!(
+            (owner.as_str(), token),
+            ("0123abcd", Some(FencingToken(1_732_170_000_123_456)))
+        );
+        assert_eq!(parse_value("0123abcd:").unwrap().1, None);
+        assert!(parse_value("garbage").is_none() && parse_value(":5").is_none());
+        assert!(parse_value("o:notanumber").is_none());
+    }
+
+    #[test]
+    fn ttls_round_up_to_whole_milliseconds() {
+        assert_eq!(millis_ceil(Duration::from_micros(1500)), 2);
+        assert_eq!(millis_ceil(Duration::ZERO), 1);
+        assert_eq!(millis_ceil(Duration::from_secs(3)), 3000);
+        assert_eq!(remaining(-1), None);
+        assert_eq!(remaining(-2), Some(Duration::ZERO));
+        assert_eq!(remaining(250), Some(Duration::from_millis(250)));
+    }
+}

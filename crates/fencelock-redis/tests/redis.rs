@@ -1,0 +1,590 @@
+//! Redis-specific rules, each against a real `redis-server` started by the harness.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::Duration;
+
+use fencelock_conformance::harness::{RedisServer, Server};
+use fencelock_conformance::proxy::{Fault, FaultProxy};
+use fencelock_core::{
+    AcquireRequest, Error, FenceGate, FencingToken, LockBackend, LockName, Locker, LossReason,
+    WaitPolicy,
+};
+use fencelock_redis::redis::{self, aio::MultiplexedConnection};
+use fencelock_redis::{RedisBackend, RedisConfig};
+use tokio::time::{Instant, timeout};
+
+/// The bound on any single test.
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+async fn server() -> RedisServer {
+    RedisServer::start().await.expect("start redis-server")
+}
+
+/// A plain connection, as an operator's `redis-cli` would have.
+async fn operator(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("operator connection")
+}
+
+async fn run<T: redis::FromRedisValue>(conn: &mut MultiplexedConnection, args: &[&str]) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(conn)
+        .await
+        .unwrap_or_else(|err| panic!("{args:?}: {err}"))
+}
+
+/// `INFO commandstats` as command name -> calls.
+async fn command_calls(conn: &mut MultiplexedConnection) -> HashMap<String, u64> {
+    let info: String = run(conn, &["INFO", "commandstats"]).await;
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+fn name(text: &str) -> LockName {
+    LockName::new(text).expect("valid name")
+}
+
+fn request(name: &LockName, ttl: Duration, wait: WaitPolicy) -> AcquireRequest {
+    AcquireRequest::new(name.clone(), ttl)
+        .expect("valid ttl")
+        .with_wait(wait)
+}
+
+async fn bounded<F: std::future::Future>(fut: F) -> F::Output {
+    timeout(TEST_LIMIT, fut)
+        .await
+        .expect("the test finished within its bound")
+}
+
+/// Tokens keep rising after a restart without persistence that lost every key (the
+/// counter is re-seeded from the server clock), and a holder learns its lock is gone
+/// at its next renewal, long before its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_keep_rising_after_a_restart_that_lost_every_key() {
+    bounded(async {
+        let mut server = server().await;
+        let backend = RedisBackend::open(&server.url()).await.expect("connect");
+        let lock = name("restart");
+        let before = backend
+            .acquire(request(&lock, Duration::from_secs(30), WaitPolicy::NoWait))
+            .await
+            .expect("acquire");
+        backend.release(&before).await.expect("release");
+
+        let ttl = Duration::from_secs(3);
+        let holder = Locker::new(backend.clone());
+        let guard = holder.lock("restart/held").ttl(ttl).await.expect("lock");
+        server.restart(false).await.expect("restart without data");
+        let restarted = Instant::now();
+        let err = timeout(ttl, guard.lost())
+            .await
+            .expect("the loss is noticed before the TTL ends");
+        assert!(
+            matches!(
+                err,
+                Error::Lost {
+                    reason: LossReason::NotOurs,
+                    ..
+                }
+            ),
+            "a renewal, not the expiry, must report it: {err:?}"
+        );
+        // One renewal period (ttl/3), plus one retry after the dropped connection.
+        assert!(
+            restarted.elapsed() < ttl / 3 + ttl / 10 + Duration::from_millis(500),
+            "noticed only after {:?}",
+            restarted.elapsed()
+        );
+
+        let mut conn = operator(&server.url()).await;
+        let keys: i64 = run(&mut conn, &["DBSIZE"]).await;
+        assert_eq!(keys, 0, "the restart kept data; the test needs it wiped");
+        let after = backend
+            .acquire(request(&lock, Duration::from_secs(30), WaitPolicy::NoWait))
+            .await
+            .expect("acquire after the restart (the connection reconnects)");
+        assert!(
+            after.token() > before.token(),
+            "token {} after the data loss is not above {}",
+            after.token(),
+            before.token()
+        );
+    })
+    .await;
+}
+
+/// The token counter expires (`token_ttl`) so unused names free their memory, and a
+/// grant after it expired still gets a higher token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_counter_expires_and_a_reseeded_one_still_rises() {
+    bounded(async {
+        let server = server().await;
+        let backend = RedisBackend::open(&format!("{}?token_ttl=60s", server.url()))
+            .await
+            .expect("connect");
+        let lock = name("counter-ttl");
+        let first = backend
+            .acquire(request(&lock, Duration::from_secs(5), WaitPolicy::NoWait))
+            .await
+            .expect("acquire");
+        let mut conn = operator(&server.url()).await;
+        let counter_ttl: i64 = run(&mut conn, &["PTTL", &backend.token_key(&lock)]).await;
+        assert!(
+            (59_000..=60_000).contains(&counter_ttl),
+            "the counter must expire token_ttl after the grant, has PTTL {counter_ttl}"
+        );
+        backend.release(&first).await.expect("release");
+        // As if it had expired.
+        let _: i64 = run(&mut conn, &["DEL", &backend.token_key(&lock)]).await;
+        let second = backend
+            .acquire(request(&lock, Duration::from_secs(5), WaitPolicy::NoWait))
+            .await
+            .expect("acquire");
+        assert!(
+            second.token() > first.token(),
+            "{} after {}",
+            second.token(),
+            first.token()
+        );
+    })
+    .await;
+}
+
+/// Scripts run by EVALSHA and are reloaded when the server forgot them (`SCRIPT
+/// FLUSH`, or a restart): every operation still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_reloaded_after_script_flush() {
+    bounded(async {
+        let server = server().await;
+        let backend = RedisBackend::open(&server.url()).await.expect("connect");
+        let mut conn = operator(&server.url()).await;
+        let lock = name("noscript");
+        let ttl = Duration::from_secs(5);
+        let lease = backend
+            .acquire(request(&lock, ttl, WaitPolicy::NoWait))
+            .await
+            .expect("acquire");
+        backend.release(&lease).await.expect("release");
+        let _: String = run(&mut conn, &["SCRIPT", "FLUSH"]).await;
+        let lease = backend
+            .acquire(request(&lock, ttl, WaitPolicy::NoWait))
+            .await
+            .expect("acquire after SCRIPT FLUSH");
+        let _: String = run(&mut conn, &["SCRIPT", "FLUSH"]).await;
+        backend
+            .renew(&lease, ttl)
+            .await
+            .expect("renew after SCRIPT FLUSH");
+        let _: String = run(&mut conn, &["SCRIPT", "FLUSH"]).await;
+        let state = backend
+            .inspect(&lock)
+            .await
+            .expect("inspect after SCRIPT FLUSH");
+        assert_eq!(state.map(|s| s.token), Some(lease.token()));
+        let _: String = run(&mut conn, &["SCRIPT", "FLUSH"]).await;
+        backend
+            .release(&lease)
+            .await
+            .expect("release after SCRIPT FLUSH");
+        let calls = command_calls(&mut conn).await;
+        assert!(calls.get("evalsha").copied().unwrap_or(0) >= 8, "{calls:?}");
+        assert!(
+            !calls.contains_key("eval"),
+            "scripts must be sent by hash: {calls:?}"
+        );
+        assert!(
+            calls.get("script|load").copied().unwrap_or(0) >= 4,
+            "{calls:?}"
+        );
+    })
+    .await;
+}
+
+/// `renew_all` renews every lease of a watchdog tick with one command (one round
+/// trip), extends exactly the leases still ours, and reports the others lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_all_is_one_round_trip() {
+    bounded(async {
+        let server = server().await;
+        let backend = RedisBackend::open(&server.url()).await.expect("connect");
+        let mut conn = operator(&server.url()).await;
+        let short = Duration::from_secs(5);
+        let mut leases = Vec::new();
+        for i in 0..50 {
+            let lock = name(&format!("batch/{i}"));
+            leases.push(
+                backend
+                    .acquire(request(&lock, short, WaitPolicy::NoWait))
+                    .await
+                    .expect("acquire"),
+            );
+        }
+        // One lease is taken away behind its holder's back.
+        let _: i64 = run(&mut conn, &["DEL", &backend.lock_key(leases[7].name())]).await;
+        let long = Duration::from_secs(60);
+        // The first renewal ever loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA).
+        backend.renew(&leases[0], short).await.expect("renew");
+        let batch: Vec<_> = leases.iter().map(|lease| (lease.clone(), long)).collect();
+        let before = command_calls(&mut conn).await;
+        let results = backend.renew_all(&batch).await;
+        let after = command_calls(&mut conn).await;
+        let sent = |calls: &HashMap<String, u64>| calls.get("evalsha").copied().unwrap_or(0);
+        assert_eq!(
+            sent(&after) - sent(&before),
+            1,
+            "50 renewals must cost one EVALSHA"
+        );
+        assert_eq!(results.len(), 50);
+        for (i, result) in results.iter().enumerate() {
+            if i == 7 {
+                assert!(matches!(result, Err(err) if err.is_lost()), "{result:?}");
+                continue;
+            }
+            let renewed = result.as_ref().expect("a held lease renews");
+            assert!(
+                renewed.remaining() > short,
+                "lease {i} was not extended locally"
+            );
+            let pttl: i64 = run(&mut conn, &["PTTL", &backend.lock_key(renewed.name())]).await;
+            assert!(pttl > 50_000, "lease {i} has PTTL {pttl} on the server");
+        }
+        let missing: i64 = run(&mut conn, &["EXISTS", &backend.lock_key(leases[7].name())]).await;
+        assert_eq!(missing, 0, "a lost lease must not be recreated by renewal");
+    })
+    .await;
+}
+
+/// Connecting to a server whose `maxmemory-policy` can evict lock keys fails with a
+/// Config error naming the policy and the fix; `allow_eviction=true` accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicting_servers_are_refused_unless_allowed() {
+    bounded(async {
+        let server = server().await;
+        let mut conn = operator(&server.url()).await;
+        // No memory limit: nothing is ever evicted, whatever the policy.
+        let _: String = run(
+            &mut conn,
+            &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"],
+        )
+        .await;
+        RedisBackend::open(&server.url())
+            .await
+            .expect("no maxmemory: no eviction");
+        let _: String = run(&mut conn, &["CONFIG", "SET", "maxmemory", "100mb"]).await;
+        for policy in ["allkeys-lru", "volatile-ttl"] {
+            let _: String = run(&mut conn, &["CONFIG", "SET", "maxmemory-policy", policy]).await;
+            let err = RedisBackend::open(&server.url())
+                .await
+                .expect_err("an evicting server");
+            assert!(matches!(err, Error::Config { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains(policy)
+                    && text.contains("noeviction")
+                    && text.contains("allow_eviction=true"),
+                "{text}"
+            );
+        }
+        RedisBackend::open(&format!("{}?allow_eviction=true", server.url()))
+            .await
+            .expect("the opt-out accepts the server");
+        let _: String = run(
+            &mut conn,
+            &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+        )
+        .await;
+        RedisBackend::open(&server.url())
+            .await
+            .expect("noeviction is safe");
+    })
+    .await;
+}
+
+/// The Redis fence gate admits equal and higher tokens, refuses lower ones with
+/// `StaleToken` naming the highest, compares tokens beyond 2^53 exactly, and a fenced
+/// write with a stale token writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_gate_refuses_stale_tokens() {
+    bounded(async {
+        let server = server().await;
+        let backend = RedisBackend::open(&server.url()).await.expect("connect");
+        let gate = backend.fence_gate();
+        let mut conn = operator(&server.url()).await;
+        gate.set_fenced("doc", FencingToken(20), "doc:body", b"new")
+            .await
+            .expect("admitted");
+        gate.admit("doc", FencingToken(20))
+            .await
+            .expect("the same holder writes again");
+        let err = gate
+            .set_fenced("doc", FencingToken(19), "doc:body", b"stale")
+            .await
+            .expect_err("a lower token");
+        assert!(
+            matches!(
+                err,
+                Error::StaleToken {
+                    token: FencingToken(19),
+                    highest: FencingToken(20),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let body: String = run(&mut conn, &["GET", "doc:body"]).await;
+        assert_eq!(body, "new", "a refused write must not happen");
+        assert_eq!(
+            gate.highest("doc").await.expect("highest"),
+            Some(FencingToken(20))
+        );
+        assert_eq!(gate.highest("other").await.expect("highest"), None);
+        // Above 2^53 a double cannot tell these apart; the gate must.
+        gate.admit("big", FencingToken(u64::MAX - 1))
+            .await
+            .expect("admitted");
+        let err = gate
+            .admit("big", FencingToken(u64::MAX - 2))
+            .await
+            .expect_err("lower");
+        assert!(matches!(err, Error::StaleToken { .. }), "{err:?}");
+        gate.admit("big", FencingToken(u64::MAX))
+            .await
+            .expect("higher");
+        gate.admit("small", FencingToken(9))
+            .await
+            .expect("admitted");
+        gate.admit("small", FencingToken(10))
+            .await
+            .expect("10 > 9 though \"10\" < \"9\"");
+    })
+    .await;
+}
+
+/// A holder cut off from the server (a blackholing proxy, as in a long pause) is told
+/// lost when its validity ends, which is before the server lets anyone else take the
+/// lock; the next holder's token is higher and the gate refuses the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_holder_is_told_lost_before_takeover_and_its_stale_write_is_refused() {
+    bounded(async {
+        let server = server().await;
+        let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+        let holder_url = format!("redis://{}/?timeout=200ms", proxy.addr());
+        let holder = Locker::new(RedisBackend::open(&holder_url).await.expect("connect"));
+        let other = RedisBackend::open(&server.url()).await.expect("connect");
+        let gate = other.fence_gate();
+        let ttl = Duration::from_secs(1);
+        let guard = holder.lock("cut-off").ttl(ttl).await.expect("lock");
+        let old = guard.token();
+        gate.admit("resource", old)
+            .await
+            .expect("the holder writes while it holds");
+        proxy.set(Fault::Blackhole);
+        let lost = guard.lost();
+        let taken = other.acquire(request(
+            &name("cut-off"),
+            Duration::from_secs(30),
+            WaitPolicy::Until(ttl * 5),
+        ));
+        let (err, new) = tokio::join!(
+            async {
+                let err = lost.await;
+                (err, Instant::now())
+            },
+            async {
+                let lease = taken
+                    .await
+                    .expect("the lock is free once the holder's TTL ran out");
+                (lease, Instant::now())
+            }
+        );
+        let ((err, lost_at), (new, granted_at)) = (err, new);
+        assert!(err.is_lost(), "{err:?}");
+        assert!(
+            lost_at <= granted_at,
+            "the old holder learned of its loss {:?} after the takeover",
+            lost_at - granted_at
+        );
+        assert!(new.token() > old, "token {} after {old}", new.token());
+        gate.admit("resource", new.token())
+            .await
+            .expect("the new holder's write");
+        let err = gate
+            .admit("resource", old)
+            .await
+            .expect_err("the old holder's late write");
+        assert!(matches!(err, Error::StaleToken { .. }), "{err:?}");
+        proxy.set(Fault::Pass);
+        let err = guard.release().await.expect_err("releasing a lost guard");
+        assert!(err.is_lost(), "{err:?}");
+        let state = other
+            .inspect(new.name())
+            .await
+            .expect("inspect")
+            .expect("held");
+        assert_eq!(
+            state.token,
+            new.token(),
+            "the old holder's release touched the new grant"
+        );
+    })
+    .await;
+}
+
+/// An acquire whose reply is lost (the server granted it, the client never heard)
+/// leaves no ghost holder: the client releases it by owner, long before the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unseen_grant_is_released_by_owner() {
+    bounded(async {
+        let server = server().await;
+        let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+        let client = RedisBackend::open(&format!("redis://{}/?timeout=300ms", proxy.addr()))
+            .await
+            .expect("connect");
+        let observer = RedisBackend::open(&server.url()).await.expect("connect");
+        // A release publishes only when it deleted the owner's grant: hearing one proves
+        // the grant was made and then undone.
+        let mut releases = redis::Client::open(server.url())
+            .expect("client")
+            .get_async_pubsub()
+            .await
+            .expect("pub/sub");
+        releases
+            .subscribe("fencelock:released")
+            .await
+            .expect("subscribe");
+        let mut releases = releases.into_on_message();
+        let lock = name("ghost");
+        // Scripts loaded first: a NOSCRIPT reply that never arrives would stop the script.
+        let warm_up = client
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("acquire");
+        client.release(&warm_up).await.expect("release");
+        let _ = timeout(
+            Duration::from_secs(1),
+            futures_util::StreamExt::next(&mut releases),
+        )
+        .await;
+        proxy.set(Fault::DropReplies);
+        let err = client
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect_err("no reply arrives");
+        assert!(err.is_temporary(), "a timeout is temporary: {err:?}");
+        let released = timeout(
+            Duration::from_secs(5),
+            futures_util::StreamExt::next(&mut releases),
+        )
+        .await
+        .expect("the unseen grant is released within 5s of a 60s TTL")
+        .expect("a message");
+        assert_eq!(released.get_payload_bytes(), b"ghost");
+        assert_eq!(
+            observer.inspect(&lock).await.expect("inspect"),
+            None,
+            "a ghost holder is left"
+        );
+    })
+    .await;
+}
+
+/// An operator's `FLUSHALL` is reported lost (not merely expired) at the holder's next
+/// renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_is_reported_lost_within_one_renewal_period() {
+    bounded(async {
+        let server = server().await;
+        let holder = Locker::new(RedisBackend::open(&server.url()).await.expect("connect"));
+        let ttl = Duration::from_secs(3);
+        let guard = holder.lock("flushed").ttl(ttl).await.expect("lock");
+        let mut conn = operator(&server.url()).await;
+        let _: String = run(&mut conn, &["FLUSHALL"]).await;
+        let flushed = Instant::now();
+        let err = timeout(ttl, guard.lost())
+            .await
+            .expect("lost before the TTL ends");
+        assert!(
+            matches!(
+                err,
+                Error::Lost {
+                    reason: LossReason::NotOurs,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            flushed.elapsed() <= ttl / 3 + Duration::from_millis(300),
+            "after {:?}",
+            flushed.elapsed()
+        );
+    })
+    .await;
+}
+
+/// A server that is not there gives a temporary Backend error that names the address
+/// and says to check the server, and never shows the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_named_in_a_temporary_error() {
+    bounded(async {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let err = RedisBackend::open(&format!("redis://app:hunter2@127.0.0.1:{port}/"))
+            .await
+            .expect_err("nothing listens there");
+        assert!(
+            matches!(
+                err,
+                Error::Backend {
+                    temporary: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("127.0.0.1:{port}")) && text.contains("running"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("hunter2") && !format!("{err:?}").contains("hunter2"),
+            "{text}"
+        );
+        let config =
+            RedisConfig::from_url(&format!("redis://app:hunter2@127.0.0.1:{port}/")).expect("url");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    })
+    .await;
+}
+
+/// Capabilities: fencing, pub/sub waiting, TTL leases, shared between processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_say_what_the_store_does() {
+    let server = server().await;
+    let backend = RedisBackend::open(&server.url()).await.expect("connect");
+    let caps = backend.capabilities();
+    assert_eq!(caps.store, "redis");
+    assert!(caps.fencing && !caps.fifo && caps.shared_between_processes);
+    assert_eq!(caps.wait, fencelock_core::WaitKind::Notify);
+    assert_eq!(caps.lease, fencelock_core::LeaseKind::Ttl);
+}

@@ -1,0 +1,67 @@
+//! fencelock's store on N independent Redis servers: the Redlock algorithm
+//! ([`RedlockBackend`]), with fencing tokens kept by a majority max-register.
+//!
+//! Most users reach this crate through the `fencelock` facade
+//! (`fencelock::connect("redlock://h1:6379,h2:6379,h3:6379")`).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use fencelock_core::Locker;
+//! use fencelock_redlock::{RedlockBackend, RedlockConfig};
+//!
+//! # async fn demo() -> fencelock_core::Result<()> {
+//! let config = RedlockConfig::from_url("redlock://10.0.0.1:6379,10.0.0.2:6379,10.0.0.3:6379")?;
+//! let locker = Locker::new(RedlockBackend::connect(config).await?);
+//! let guard = locker.lock("nightly-report").ttl(Duration::from_secs(30)).await?;
+//! println!("write with token {}", guard.token());
+//! guard.release().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Guarantees and limits
+//! **Mutual exclusion** is Redlock's: a grant needs claims on a majority (`N/2 + 1`)
+//! of the nodes, made within the lease's validity `ttl − elapsed − (1 % of ttl +
+//! 2 ms)`, where elapsed counts from before the first request was sent. Two holders
+//! at once are prevented while (a) nodes keep their keys for the TTL (no restart
+//! without persistence, no `FLUSHALL`, no eviction; a restarted node should stay
+//! down for one TTL, or run with `appendfsync always`), (b) the clocks of the nodes
+//! and the client run at about the same rate (1 % drift allowed), and (c) the holder
+//! does not pause past its validity. A paused holder is exactly the case fencing
+//! tokens are for.
+//!
+//! **Fencing tokens** rise strictly from grant to grant of a name in the order the
+//! grants were made, without any clock assumption, **as long as the nodes keep their
+//! data**. The rule: the token is one more than the highest counter read from the
+//! majority that granted the claim, and it is written back to the counters of a
+//! majority *while our claim is live on each of them*, before the grant is returned.
+//! Any two grants' majorities share a node; there the later grant's claim could only
+//! be made after the earlier grant's claim ended, which is after the earlier grant
+//! wrote its token there, so the later grant reads a counter at least that high and
+//! mints a higher token.
+//!
+//! When that shared node lost its data in between (restart without persistence),
+//! the guarantee weakens: each node's counter is floored at its clock in
+//! microseconds, so the token still rises when the shared node's clock reads later
+//! than the clock that minted the earlier token (true unless the nodes' clocks
+//! disagree by more than the time between the two grants). When a majority of nodes
+//! lost their data at once, mutual exclusion itself may fail, and tokens give only
+//! that clock-based ordering.
+//!
+//! Not FIFO. Waiting uses each node's release messages (pub/sub), the holders'
+//! remaining time, and random pauses up to
+//! [`retry_delay`](RedlockConfig::retry_delay) after split votes. Requests to the
+//! nodes go out in parallel, each bounded by the node timeout (default
+//! `min(50 ms, ttl/10)`); a failed attempt is released on every node before it is
+//! retried. TLS is not built in yet.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backend;
+mod config;
+mod node;
+
+pub use backend::RedlockBackend;
+pub use config::RedlockConfig;
+pub use fencelock_redis::RedisNode;

@@ -1,0 +1,585 @@
+//! [`ZooKeeperBackend`]: the [`LockBackend`] on ZooKeeper.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fencelock_core::{
+    AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
+    LockState, LossReason, OwnerId, Result, StoreEvent, WaitDeadline, WaitKind, async_trait,
+    valid_until,
+};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use zookeeper_client::{Acls, CreateMode, EventType, SessionInfo};
+
+use crate::ZooKeeperConfig;
+use crate::recipe::{self, Place};
+use crate::session::{Grant, Grants, Session, Sessions, retry_window};
+
+/// The store's name in messages.
+pub(crate) const STORE: &str = "zookeeper";
+
+/// The most times one acquisition lists the line and waits (each wait ends on a watch
+/// event or the deadline), as a bound on a store that misbehaves.
+const MAX_WAIT_ROUNDS: usize = 1_000_000;
+/// The most attempts at creating our node (parents missing, reply lost).
+const MAX_CREATE_ATTEMPTS: usize = 5;
+
+/// Locks on ZooKeeper in Apache Curator's `InterProcessMutex` layout.
+///
+/// - **Acquire**: creates the ephemeral-sequential node
+///   `{root}/{escaped name}/_c_{uuid}-lock-NNNNNNNNNN` (parents created as needed),
+///   lists the children once: the lowest sequence holds. A waiter watches only the
+///   node just before its own (no herd) and lists again when it goes. If the reply to
+///   the create is lost, the node is found by its uuid instead of creating another.
+///   A dropped acquire, a `NoWait` refusal and a timed-out wait delete the node.
+/// - **Token**: the node's `czxid`, read from the plain create's stat (never from a
+///   multi-op, whose stat ZooKeeper 3.8.0 does not return: ZOOKEEPER-4026). Zxids rise
+///   across the ensemble, so tokens keep rising when the lock's parent node is deleted
+///   and recreated, unlike the sequence suffix.
+/// - **TTL**: the node lives with the session, and this backend also deletes it when
+///   the grant's TTL runs out without a renewal (as long as this process runs). A
+///   renewal writes nothing: it reads the node's stat.
+/// - **Release**: a versioned delete of our node; through another backend than the
+///   one that granted it, after checking the node's `czxid` is the lease's token.
+///   Renewals must go through the granting backend (it keeps the TTL).
+/// - **Session**: one per backend. Disconnected sends [`StoreEvent::Suspended`],
+///   reconnected [`StoreEvent::Resumed`], expired [`StoreEvent::SessionLost`] (every
+///   grant lost) and the next call builds a fresh session; our node deleted by someone
+///   else sends [`StoreEvent::LeaseLost`].
+pub struct ZooKeeperBackend {
+    sessions: Sessions,
+    wakeups: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for ZooKeeperBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZooKeeperBackend")
+            .field("config", self.sessions.config())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a client error: connection trouble and an ended session are temporary (a fresh
+/// session is built for the next call).
+pub(crate) fn zk_error(what: impl Into<String>, err: zookeeper_client::Error) -> Error {
+    use zookeeper_client::Error as Zk;
+    let temporary = outcome_unknown(&err)
+        || matches!(
+            err,
+            Zk::NoHosts | Zk::SessionExpired | Zk::SessionMoved | Zk::ClientClosed | Zk::Throttled
+        );
+    Error::backend(STORE, what, temporary, err)
+}
+
+/// Whether a request failed without the server's answer, so it may or may not have
+/// been applied: a lost connection (reported as `ConnectionLoss`, or as the socket's
+/// own error when the connection was reset mid-request).
+fn outcome_unknown(err: &zookeeper_client::Error) -> bool {
+    use zookeeper_client::Error as Zk;
+    matches!(err, Zk::ConnectionLoss | Zk::Timeout | Zk::Custom(_))
+}
+
+fn lost(lease: &Lease) -> Error {
+    Error::Lost {
+        name: lease.name().clone(),
+        store: STORE,
+        token: lease.token(),
+        reason: LossReason::NotOurs,
+    }
+}
+
+fn token_of(stat: &zookeeper_client::Stat) -> FencingToken {
+    FencingToken(u64::try_from(stat.czxid).unwrap_or(0))
+}
+
+impl ZooKeeperBackend {
+    /// Connects to the ensemble in `config` and establishes the session.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if no session is established within `connect_timeout`.
+    pub async fn connect(config: ZooKeeperConfig) -> Result<Self> {
+        let backend = Self {
+            sessions: Sessions::new(config),
+            wakeups: Arc::new(AtomicU64::new(0)),
+        };
+        backend.sessions.get().await?;
+        Ok(backend)
+    }
+
+    /// Connects by URL (`zk://h1:2181,h2:2181/root?session_timeout=10s`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad URL, [`Error::Backend`] as [`connect`](Self::connect).
+    pub async fn open(url: &str) -> Result<Self> {
+        Self::connect(ZooKeeperConfig::from_url(url)?).await
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ZooKeeperConfig {
+        self.sessions.config()
+    }
+
+    /// The node under which the lock nodes of `name` live: `{root}/{escaped name}`.
+    /// Curator's `InterProcessMutex` on this path excludes this backend's holders.
+    pub fn lock_path(&self, name: &LockName) -> String {
+        recipe::lock_dir(&self.config().root, name.as_str())
+    }
+
+    /// The current session's id and password, `None` while none is established.
+    /// For operators and tests (e.g. to close the session from another client).
+    pub fn session(&self) -> Option<SessionInfo> {
+        self.sessions.peek().map(|s| s.client.session().clone())
+    }
+
+    /// The session timeout the server granted, `None` while no session is established.
+    pub fn session_timeout(&self) -> Option<Duration> {
+        self.sessions.peek().map(|s| s.client.session_timeout())
+    }
+
+    /// How many times a waiter of this backend was woken by the watch on the node
+    /// before its own; one release wakes one waiter.
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// How many grants this backend holds now.
+    pub fn held(&self) -> usize {
+        self.sessions.grants.len()
+    }
+
+    /// Creates our node, creating missing parents, and finds it by `uuid` when the
+    /// reply was lost. Returns its path and stat.
+    async fn create_node(
+        &self,
+        node: &mut PendingNode,
+        owner: &OwnerId,
+        what: &str,
+    ) -> Result<zookeeper_client::Stat> {
+        let client = &node.session.client;
+        let prefix = recipe::node_prefix(&node.dir, &node.uuid);
+        let ephemeral = CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
+        let parent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+        let mut last = None;
+        for _ in 0..MAX_CREATE_ATTEMPTS {
+            match client
+                .create(&prefix, owner.as_str().as_bytes(), &ephemeral)
+                .await
+            {
+                Ok((stat, sequence)) => {
+                    let path = format!("{prefix}{sequence}");
+                    node.path = Some(path.clone());
+                    if stat.czxid > 0 {
+                        return Ok(stat);
+                    }
+                    // A server that returned no stat: read it.
+                    return match client.check_stat(&path).await {
+                        Ok(Some(stat)) => Ok(stat),
+                        Ok(None) => Err(Error::backend(
+                            STORE,
+                            what.to_owned(),
+                            true,
+                            "our new node vanished at once (session expired?)",
+                        )),
+                        Err(err) => Err(zk_error(what.to_owned(), err)),
+                    };
+                }
+                Err(zookeeper_client::Error::NoNode) => {
+                    match client.mkdir(&node.dir, &parent).await {
+                        Ok(()) | Err(zookeeper_client::Error::NodeExists) => {}
+                        Err(err) => return Err(zk_error(format!("{what}: create parents"), err)),
+                    }
+                }
+                Err(err) if outcome_unknown(&err) => {
+                    // The server may have created it: look before creating another.
+                    if let Some((path, stat)) = find_ours(&node.session, &node.dir, &node.uuid)
+                        .await
+                        .map_err(|err| zk_error(format!("{what}: find our node"), err))?
+                    {
+                        node.path = Some(path);
+                        return Ok(stat);
+                    }
+                    last = Some(err);
+                }
+                Err(err) => return Err(zk_error(what.to_owned(), err)),
+            }
+        }
+        Err(zk_error(
+            what.to_owned(),
+            last.unwrap_or(zookeeper_client::Error::ConnectionLoss),
+        ))
+    }
+
+    /// Registers a grant and starts its keeper (TTL and deletion watch).
+    fn register(&self, session: &Arc<Session>, path: &str, grant: Grant) {
+        self.sessions.grants.insert(path.to_owned(), grant);
+        tokio::spawn(keep(
+            Arc::downgrade(&self.sessions.grants),
+            Arc::clone(session),
+            path.to_owned(),
+            self.sessions.events.clone(),
+        ));
+    }
+}
+
+/// Looks for the node of acquisition `uuid` under `dir`, retrying connection losses
+/// while the session may come back.
+async fn find_ours(
+    session: &Session,
+    dir: &str,
+    uuid: &str,
+) -> std::result::Result<Option<(String, zookeeper_client::Stat)>, zookeeper_client::Error> {
+    let until = Instant::now() + retry_window(session);
+    loop {
+        let attempt = async {
+            let children = match session.client.list_children(dir).await {
+                Ok(children) => children,
+                Err(zookeeper_client::Error::NoNode) => return Ok(None),
+                Err(err) => return Err(err),
+            };
+            let Some(child) = children.into_iter().find(|c| recipe::is_ours(c, uuid)) else {
+                return Ok(None);
+            };
+            let path = format!("{dir}/{child}");
+            Ok(session.client.check_stat(&path).await?.map(|s| (path, s)))
+        };
+        match attempt.await {
+            Err(err) if outcome_unknown(&err) && Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Deletes our node at `path` (or found by `uuid` under `dir`), retrying connection
+/// losses while the session may come back. A node already gone is fine.
+async fn delete_ours(session: &Session, dir: &str, uuid: &str, path: Option<String>) {
+    let until = Instant::now() + retry_window(session);
+    loop {
+        let path = match path.clone() {
+            Some(path) => Some(path),
+            None => match find_ours(session, dir, uuid).await {
+                Ok(found) => found.map(|(path, _)| path),
+                Err(_) => return,
+            },
+        };
+        let Some(path) = path else { return };
+        match session.client.delete(&path, None).await {
+            Err(err) if outcome_unknown(&err) && Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Our node while an acquisition is in progress: deleted in the background if the
+/// acquisition is dropped before it settles.
+struct PendingNode {
+    session: Arc<Session>,
+    dir: String,
+    uuid: String,
+    path: Option<String>,
+    settled: bool,
+}
+
+impl PendingNode {
+    /// Deletes the node now (the acquisition failed).
+    async fn abandon(mut self) {
+        self.settled = true;
+        delete_ours(&self.session, &self.dir, &self.uuid, self.path.take()).await;
+    }
+}
+
+impl Drop for PendingNode {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime: the node goes with the session
+        };
+        let (session, dir, uuid, path) = (
+            Arc::clone(&self.session),
+            std::mem::take(&mut self.dir),
+            std::mem::take(&mut self.uuid),
+            self.path.take(),
+        );
+        runtime.spawn(async move { delete_ours(&session, &dir, &uuid, path).await });
+    }
+}
+
+/// Keeps one grant: deletes its node when its TTL runs out unrenewed, and reports a
+/// deletion by anyone else as [`StoreEvent::LeaseLost`].
+///
+/// Holds the session, so a grant outlives a dropped backend until its TTL, like a
+/// grant of a TTL store; the last keeper to end closes the session.
+async fn keep(
+    grants: std::sync::Weak<Grants>,
+    session: Arc<Session>,
+    path: String,
+    events: broadcast::Sender<StoreEvent>,
+) {
+    let watched = session.client.check_and_watch_stat(&path).await;
+    type Watch =
+        std::pin::Pin<Box<dyn std::future::Future<Output = zookeeper_client::WatchedEvent> + Send>>;
+    let mut watch: Watch = match watched {
+        Ok((Some(_), watch)) => Box::pin(watch.changed()),
+        // Gone already or unreadable: the next renewal finds out.
+        _ => Box::pin(futures_pending()),
+    };
+    loop {
+        let Some(deadline) = grants.upgrade().and_then(|g| g.deadline(&path)) else {
+            return; // released or lost
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => {
+                let Some(grants) = grants.upgrade() else { return };
+                if grants.deadline(&path).is_some_and(|d| d > Instant::now()) {
+                    continue; // renewed meanwhile
+                }
+                let Some(grant) = grants.remove(&path) else { return };
+                drop(grants);
+                tracing::debug!(lock = %grant.name, "zookeeper grant's ttl ran out: deleting its node");
+                delete_ours(&session, "", "", Some(path)).await;
+                return;
+            }
+            event = &mut watch => {
+                if event.event_type == EventType::Session {
+                    return; // the session monitor reports it
+                }
+                let Some(grants) = grants.upgrade() else { return };
+                // Re-arm on anything but a deletion; a node gone means lost.
+                let exists = match session.client.check_and_watch_stat(&path).await {
+                    Ok((Some(_), rearmed)) if event.event_type != EventType::NodeDeleted => {
+                        watch = Box::pin(rearmed.changed());
+                        true
+                    }
+                    Ok((Some(_), _)) => true,
+                    _ => false,
+                };
+                if !exists {
+                    if let Some(grant) = grants.remove(&path) {
+                        tracing::warn!(lock = %grant.name, "zookeeper lock node deleted by someone else");
+                        let _ = events.send(StoreEvent::LeaseLost { name: grant.name, owner: grant.owner });
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn futures_pending() -> zookeeper_client::WatchedEvent {
+    std::future::pending().await
+}
+
+#[async_trait]
+impl LockBackend for ZooKeeperBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            store: STORE,
+            fencing: true,
+            fifo: true,
+            wait: WaitKind::Notify,
+            lease: LeaseKind::Session,
+            shared_between_processes: true,
+        }
+    }
+
+    async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
+        let what = format!("acquire `{}`", req.name);
+        let deadline = WaitDeadline::start(req.wait);
+        let session = self.sessions.get().await?;
+        let mut node = PendingNode {
+            dir: self.lock_path(&req.name),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            session: Arc::clone(&session),
+            path: None,
+            settled: false,
+        };
+        let stat = self.create_node(&mut node, &req.owner, &what).await?;
+        let path = node.path.clone().unwrap_or_default();
+        let ours = path.rsplit('/').next().unwrap_or_default().to_owned();
+        let client = &session.client;
+        for _ in 0..MAX_WAIT_ROUNDS {
+            let sent = Instant::now();
+            let children = match client.list_children(&node.dir).await {
+                Ok(children) => children,
+                Err(err) => return Err(zk_error(what, err)),
+            };
+            let line = recipe::queue(children);
+            let before = match recipe::place(&line, &ours) {
+                Place::First => {
+                    node.settled = true;
+                    let valid = valid_until(sent, req.ttl);
+                    let token = token_of(&stat);
+                    self.register(
+                        &session,
+                        &path,
+                        Grant {
+                            name: req.name.clone(),
+                            owner: req.owner.clone(),
+                            token,
+                            version: stat.version,
+                            deadline: valid,
+                            session: Arc::downgrade(&session),
+                        },
+                    );
+                    return Ok(Lease::new(req.name, req.owner, token, valid).with_locator(path));
+                }
+                Place::Gone => {
+                    return Err(Error::backend(
+                        STORE,
+                        what,
+                        true,
+                        "our queue node vanished while waiting (session expired or deleted by an operator)",
+                    ));
+                }
+                Place::After(before) => format!("{}/{before}", node.dir),
+            };
+            if !deadline.may_wait() || deadline.passed() {
+                node.abandon().await;
+                return Err(deadline.give_up(&req.name, STORE));
+            }
+            let watch = match client.check_and_watch_stat(&before).await {
+                Ok((Some(_), watch)) => watch,
+                Ok((None, _)) => continue, // went between the listing and the watch
+                Err(err) => return Err(zk_error(what, err)),
+            };
+            let woken = match deadline.deadline() {
+                Some(at) => tokio::time::timeout_at(at, watch.changed()).await.is_ok(),
+                None => {
+                    watch.changed().await;
+                    true
+                }
+            };
+            if !woken {
+                node.abandon().await;
+                return Err(deadline.give_up(&req.name, STORE));
+            }
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+        node.abandon().await;
+        Err(deadline.give_up(&req.name, STORE))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let sent = Instant::now();
+        let path = lease.locator().ok_or_else(|| lost(lease))?;
+        let grants = &self.sessions.grants;
+        let grant = grants.get(path, lease.token()).ok_or_else(|| lost(lease))?;
+        let Some(session) = grant.session.upgrade().filter(|s| !s.is_ended()) else {
+            grants.remove(path);
+            return Err(lost(lease));
+        };
+        match session.client.check_stat(path).await {
+            Ok(Some(stat)) if token_of(&stat) == lease.token() => {
+                let valid = valid_until(sent, ttl);
+                if grants.extend(path, lease.token(), valid) {
+                    Ok(lease.clone().renewed(valid))
+                } else {
+                    Err(lost(lease))
+                }
+            }
+            Ok(_) | Err(zookeeper_client::Error::SessionExpired) => {
+                grants.remove(path);
+                Err(lost(lease))
+            }
+            Err(err) => Err(zk_error(format!("renew `{}`", lease.name()), err)),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let path = lease.locator().ok_or_else(|| lost(lease))?;
+        let what = format!("release `{}`", lease.name());
+        let grants = &self.sessions.grants;
+        let Some(grant) = grants.get(path, lease.token()) else {
+            // Granted through another backend: delete the node if it is still that grant's.
+            let session = self.sessions.get().await?;
+            return match session.client.check_stat(path).await {
+                Ok(Some(stat)) if token_of(&stat) == lease.token() => {
+                    match session.client.delete(path, Some(stat.version)).await {
+                        Ok(()) => Ok(()),
+                        Err(zookeeper_client::Error::NoNode) => Err(lost(lease)),
+                        Err(err) => Err(zk_error(what, err)),
+                    }
+                }
+                Ok(_) => Err(lost(lease)),
+                Err(err) => Err(zk_error(what, err)),
+            };
+        };
+        let Some(session) = grant.session.upgrade().filter(|s| !s.is_ended()) else {
+            grants.remove(path);
+            return Err(lost(lease));
+        };
+        // Out of the table first, so the keeper does not report our own delete.
+        grants.remove(path);
+        match session.client.delete(path, Some(grant.version)).await {
+            Ok(()) => Ok(()),
+            Err(zookeeper_client::Error::NoNode) => Err(lost(lease)),
+            Err(zookeeper_client::Error::BadVersion) => {
+                // Someone wrote to our node: delete it if it is still the same node.
+                match session.client.check_stat(path).await {
+                    Ok(Some(stat)) if token_of(&stat) == lease.token() => session
+                        .client
+                        .delete(path, Some(stat.version))
+                        .await
+                        .map_err(|err| zk_error(what, err)),
+                    Ok(_) => Err(lost(lease)),
+                    Err(err) => Err(zk_error(what, err)),
+                }
+            }
+            Err(err) => {
+                // Unknown outcome: keep the grant so a retry (or the TTL) deletes it.
+                grants.insert(path.to_owned(), grant);
+                Err(zk_error(what, err))
+            }
+        }
+    }
+
+    fn events(&self) -> Option<broadcast::Receiver<StoreEvent>> {
+        Some(self.sessions.events.subscribe())
+    }
+
+    async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
+        let what = format!("inspect `{name}`");
+        let session = self.sessions.get().await?;
+        let dir = self.lock_path(name);
+        // The holder may go between the listing and the read: look again, bounded.
+        for _ in 0..5 {
+            let children = match session.client.list_children(&dir).await {
+                Ok(children) => children,
+                Err(zookeeper_client::Error::NoNode) => return Ok(None),
+                Err(err) => return Err(zk_error(what, err)),
+            };
+            let Some(first) = recipe::queue(children).into_iter().next() else {
+                return Ok(None);
+            };
+            match session.client.get_data(&format!("{dir}/{first}")).await {
+                Ok((data, stat)) => {
+                    let holder = String::from_utf8(data)
+                        .ok()
+                        .filter(|d| !d.is_empty())
+                        .unwrap_or(first);
+                    return Ok(Some(LockState {
+                        holder: OwnerId::from_stored(holder),
+                        token: token_of(&stat),
+                        remaining: None,
+                    }));
+                }
+                Err(zookeeper_client::Error::NoNode) => continue,
+                Err(err) => return Err(zk_error(what, err)),
+            }
+        }
+        Err(Error::backend(
+            STORE,
+            what,
+            true,
+            "the holder kept changing while being read",
+        ))
+    }
+}
