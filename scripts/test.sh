@@ -22,3 +22,15 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace
 fi
+
+# Every server the harness starts runs from a temp dir named fencelock-<server>-*; none
+# may outlive the run. Report only: nothing here stops a process.
+echo "== no server outlives the run"
+tmp=$(dirname "$(mktemp -u)")
+leftover=$(pgrep -af -- "$tmp/fencelock-(redis|etcd|zookeeper|mariadb|postgres)-" || true)
+if [ -n "$leftover" ]; then
+    echo "servers started by the tests are still running:" >&2
+    echo "$leftover" >&2
+    exit 1
+fi
+echo "none left"

@@ -356,9 +356,9 @@ impl Watchdog {
                         _ => *status = Status::Held { valid_until },
                     });
                 }
-                Err(err) if err.is_lost() => {
+                Err(crate::Error::Lost { reason, .. }) => {
                     if let Some(held) = registry.held.remove(id) {
-                        self.report_lost(&held, LossReason::NotOurs);
+                        self.report_lost(&held, reason);
                     }
                 }
                 Err(err) => {

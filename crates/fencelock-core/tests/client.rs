@@ -24,6 +24,7 @@ struct Observed {
     renewals_hang: Arc<AtomicBool>,
     releases: Arc<AtomicUsize>,
     events: broadcast::Sender<StoreEvent>,
+    renewals_lost_with: Arc<Mutex<Option<LossReason>>>,
 }
 
 impl Default for Observed {
@@ -34,6 +35,7 @@ impl Default for Observed {
             renewals_hang: Arc::default(),
             releases: Arc::default(),
             events: broadcast::channel(16).0,
+            renewals_lost_with: Arc::default(),
         }
     }
 }
@@ -53,6 +55,19 @@ impl LockBackend for Observed {
         self.batches.lock().unwrap().push(leases.len());
         if self.renewals_hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        if let Some(reason) = *self.renewals_lost_with.lock().unwrap() {
+            return leases
+                .iter()
+                .map(|(lease, _)| {
+                    Err(Error::Lost {
+                        name: lease.name().clone(),
+                        store: "memory",
+                        token: lease.token(),
+                        reason,
+                    })
+                })
+                .collect();
         }
         let mut out = Vec::new();
         for (lease, ttl) in leases {
@@ -362,6 +377,25 @@ async fn a_suspended_session_is_not_held_until_resumed_and_lost_if_validity_pass
             err,
             Error::Lost {
                 reason: LossReason::Expired,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_refused_for_a_reason_reports_that_reason() {
+    let backend = Observed::default();
+    *backend.renewals_lost_with.lock().unwrap() = Some(LossReason::SessionEnded);
+    let locker = Locker::new(backend.clone());
+    let guard = locker.lock("a").ttl(TTL).await.unwrap();
+    let err = guard.lost().await;
+    assert!(
+        matches!(
+            err,
+            Error::Lost {
+                reason: LossReason::SessionEnded,
                 ..
             }
         ),

@@ -219,18 +219,7 @@ impl SqliteConfig {
 /// Accepts `[A-Za-z_][A-Za-z0-9_]{0,62}`, not starting with SQLite's reserved
 /// `sqlite_`. Validated names are safe to write into SQL text.
 pub(crate) fn check_table_name(option: &str, name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let well_formed = name.len() <= 63
-        && chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !well_formed {
-        return Err(Error::config(format!(
-            "{option} {name:?} is not a usable table name: start with a letter or `_`, then use \
-             letters, digits and `_`, at most 63 in all, e.g. {option}=my_app_locks"
-        )));
-    }
+    crate::identifier::check_table_name(option, name)?;
     if name.to_ascii_lowercase().starts_with("sqlite_") {
         return Err(Error::config(format!(
             "{option} `{name}` starts with `sqlite_`, which SQLite reserves; pick another name, \

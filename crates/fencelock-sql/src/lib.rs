@@ -1,11 +1,13 @@
-//! fencelock stores on SQL databases through [sqlx]. Today: SQLite
-//! ([`SqliteBackend`], feature `sqlite`, on by default); Postgres and MySQL will join
-//! under their own features.
+//! fencelock stores on SQL databases through [sqlx], one cargo feature each:
+//! SQLite (`SqliteBackend`, feature `sqlite`, on by default), Postgres
+//! (`PostgresBackend`, feature `postgres`) and MySQL/MariaDB (`MySqlBackend`, feature
+//! `mysql`). Every store keeps one lease row per lock name whose expiry is judged by
+//! the database's clock only, with a fencing counter in the same row.
 //!
 //! Most users reach this crate through the `fencelock` facade
 //! (`fencelock::connect("sqlite://locks.db")`). Use it directly to configure the store
 //! in code or to fence writes inside your own SQL transactions with
-//! [`SqliteFenceGate`].
+//! `SqliteFenceGate`, `PostgresFenceGate` or `MySqlFenceGate`.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -31,16 +33,32 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod backoff;
 #[cfg(feature = "sqlite")]
 mod config;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod identifier;
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod server_config;
 #[cfg(feature = "sqlite")]
 mod sqlite;
-
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 #[cfg(feature = "sqlite")]
 pub use config::SqliteConfig;
+#[cfg(feature = "mysql")]
+pub use mysql::{MySqlBackend, MySqlConfig, MySqlFenceGate};
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresBackend, PostgresConfig, PostgresFenceGate};
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use server_config::{LockMode, ServerAddress};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteBackend, SqliteFenceGate};
 
 /// The sqlx this crate is built with: use it for the executors and transactions you
-/// pass to [`SqliteFenceGate::admit_in`] so the versions match.
+/// pass to the fence gates' `admit_in` so the versions match.
 pub use sqlx;

@@ -30,9 +30,10 @@
 //! | `etcd://h1:p,h2:p` | `etcd` | etcd v3 (`concurrency.Mutex` layout) |
 //! | `zk://h1:p,h2:p/root`, `zookeeper://` | `zookeeper` | ZooKeeper (Curator `InterProcessMutex` layout) |
 //!
-//! Postgres and MySQL/MariaDB are planned; their schemes are recognised and answer
-//! with an error saying so. A scheme whose feature is off answers with an error naming
-//! the feature.
+//! | `postgres://`, `postgresql://` | `postgres` | Postgres lease rows (or `?mode=session`: advisory locks) |
+//! | `mysql://`, `mariadb://` | `mysql` | MySQL/MariaDB lease rows (or `?mode=session`: `GET_LOCK`) |
+//!
+//! A scheme whose feature is off answers with an error naming the feature.
 //!
 //! # URL options
 //! `ttl` (default TTL, e.g. `?ttl=10s`) and `wait` (default wait, e.g. `&wait=5s`;
@@ -55,8 +56,8 @@ pub use fencelock_redis as redis;
 /// The Redlock store.
 #[cfg(feature = "redlock")]
 pub use fencelock_redlock as redlock;
-/// The SQL stores (SQLite today).
-#[cfg(feature = "sqlite")]
+/// The SQL stores.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use fencelock_sql as sql;
 /// The ZooKeeper store.
 #[cfg(feature = "zookeeper")]

@@ -16,9 +16,9 @@ use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool, SqliteRow};
 use tokio::time::Instant;
 
 use super::queries::LeaseQueries;
-use super::wake::Wakers;
 use super::{STORE, db_error, is_temporary, open_pool};
 use crate::{SqliteConfig, SqliteFenceGate};
+use fencelock_core::wake::Wakers;
 
 /// Leases per `renew_all` statement: 4 bound values each, far below SQLite's limit.
 const RENEW_BATCH: usize = 500;
@@ -350,7 +350,7 @@ impl LockBackend for SqliteBackend {
         loop {
             // Made before the attempt, so a release between the attempt and the sleep
             // still wakes this waiter.
-            let woken = waiter.notify.notified();
+            let woken = waiter.notify().notified();
             if let Some(lease) = self.try_grant(&req, &key).await? {
                 return Ok(lease);
             }
@@ -362,7 +362,7 @@ impl LockBackend for SqliteBackend {
             };
             let held_for = holder.remaining.unwrap_or(poll_max);
             // Wake just after the holder's lease ends, if that comes first.
-            let pause = jittered(backoff).min(held_for + Duration::from_millis(1));
+            let pause = crate::backoff::pause(backoff, held_for);
             backoff = (backoff * 2).min(poll_max);
             tracing::debug!(
                 lock = %req.name,
@@ -505,10 +505,4 @@ fn stored_token(lease: &Lease) -> Option<i64> {
 /// A TTL in whole milliseconds, rounded up so the store never grants less than asked.
 fn millis_ceil(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_micros().div_ceil(1000)).unwrap_or(i64::MAX)
-}
-
-/// Between half of `backoff` and all of it, so waiters spread out.
-fn jittered(backoff: Duration) -> Duration {
-    let half = backoff / 2;
-    half + half.mul_f64(fastrand::f64())
 }

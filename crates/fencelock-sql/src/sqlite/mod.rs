@@ -3,7 +3,6 @@
 mod backend;
 mod gate;
 mod queries;
-mod wake;
 
 use std::path::Path;
 use std::time::Duration;
