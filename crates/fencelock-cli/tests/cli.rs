@@ -394,3 +394,47 @@ fn without_a_url_the_store_is_a_sqlite_file_in_the_state_directory() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(store.dir.path().join("fencelock/locks.db").exists());
 }
+
+#[test]
+fn waiting_on_a_terminal_shows_a_progress_line_and_off_a_terminal_nothing() {
+    // `script` (Debian's essential bsdutils) gives fencelock a pseudo-terminal.
+    let store = Store::new();
+    let ready = store.file("holding");
+    let holder = store
+        .fencelock()
+        .args([
+            "run",
+            "--name",
+            "tty",
+            "--",
+            "sh",
+            "-c",
+            &format!("touch {}; sleep 30", ready.display()),
+        ])
+        .spawn()
+        .unwrap();
+    wait_for_file(&ready, Duration::from_secs(20));
+    let waiting = format!("{BIN} run --name tty --wait 1s -- true");
+    let on_tty = Command::new("script")
+        .args(["-qec", &waiting, "/dev/null"])
+        .env("FENCELOCK_URL", store.url())
+        .output()
+        .expect("script(1) from util-linux runs the command on a pseudo-terminal");
+    let shown = String::from_utf8_lossy(&on_tty.stdout);
+    assert!(
+        shown.contains("waiting for lock `tty`"),
+        "no progress line on a terminal: {shown:?}"
+    );
+    let off_tty = store
+        .fencelock()
+        .args(["run", "--name", "tty", "--wait", "1s", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(off_tty.status.code(), Some(NOT_ACQUIRED));
+    assert!(
+        !stderr(&off_tty).contains("waiting for lock"),
+        "progress shown off a terminal: {}",
+        stderr(&off_tty)
+    );
+    stop(holder);
+}
