@@ -74,31 +74,32 @@ fn locker(backend: &Arc<ZooKeeperBackend>) -> Locker {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_session_loses_every_guard_and_the_next_holder_has_a_higher_czxid() {
-    // Rule: session expiry (forced by closing the session from a second client)
-    // reports every guard lost with SessionEnded; the next holder's token (czxid) is
-    // higher; the old token is refused by the fence; the backend then builds a fresh
-    // session for later acquisitions.
-    let hosts = shared().await.addr().to_string();
-    let a = backend(&hosts).await;
+    // Rule: session expiry (forced by cutting the holder off past its session
+    // timeout, so the server expires the session) reports every guard lost; the next
+    // holder's token (czxid) is higher; the old token is refused by the fence; the
+    // backend then builds a fresh session for later acquisitions.
+    let server = shared().await;
+    let hosts = server.addr().to_string();
+    let proxy = FaultProxy::start(server.addr())
+        .await
+        .expect("start the fault proxy");
+    let a = backend(&proxy.addr().to_string()).await;
     let holder = locker(&a);
     let (n1, n2) = (name("expiry"), name("expiry"));
     let g1 = holder.lock(&n1).ttl(TTL).await.expect("lock 1");
     let g2 = holder.lock(&n2).ttl(TTL).await.expect("lock 2");
-    let info = a.session().expect("a session");
-    // Bounded: attaching races the holder's own reconnects.
-    let mut attached = None;
-    for _ in 0..3 {
-        let connecting = Client::connector()
-            .with_session(info.clone())
-            .with_session_timeout(SESSION)
-            .connect(&hosts);
-        if let Ok(Ok(thief)) = timeout(STEP, connecting).await {
-            attached = Some(thief);
-            break;
+    // No heartbeat reaches the server for twice the session timeout: it expires the
+    // session and deletes its ephemeral nodes; the client learns it on reconnecting.
+    proxy.set(Fault::Blackhole);
+    let expired = timeout(STEP, async {
+        // Bounded: at most STEP / 100 ms checks.
+        while inspect_holder(&hosts, &n1).await.is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-    // Dropping it closes the session: the server deletes its ephemeral nodes.
-    drop(attached.expect("attach to the holder's session"));
+    })
+    .await;
+    expired.expect("the server expires the cut-off session and deletes its nodes");
+    proxy.set(Fault::Pass);
     for guard in [&g1, &g2] {
         let err = timeout(STEP, guard.lost())
             .await
@@ -341,4 +342,10 @@ async fn server_paused_past_the_session_timeout_loses_the_lock() {
         .expect("step")
         .expect("a fresh session");
     a.release(&again).await.expect("release");
+}
+
+/// The holder of `name` as a fresh client sees it, or `None`.
+async fn inspect_holder(hosts: &str, name: &LockName) -> Option<fencelock_core::LockState> {
+    let observer = backend(hosts).await;
+    observer.inspect(name).await.expect("inspect")
 }
