@@ -39,6 +39,8 @@ mod backoff;
 mod config;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod identifier;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod in_flight;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]

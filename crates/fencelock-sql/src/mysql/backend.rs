@@ -11,7 +11,7 @@ use fencelock_core::{
     LockState, LossReason, OwnerId, Result, WaitDeadline, WaitKind, async_trait, valid_until,
 };
 use sqlx::Row;
-use sqlx::mysql::{MySql, MySqlConnection, MySqlPool, MySqlRow};
+use sqlx::mysql::{MySql, MySqlPool, MySqlRow};
 use sqlx::pool::PoolConnection;
 use tokio::time::Instant;
 
@@ -21,6 +21,8 @@ use super::{STORE, create_table, db_error, is_lock_conflict, is_temporary, open_
 use crate::server_config::LockMode;
 use crate::{MySqlConfig, MySqlFenceGate, backoff};
 use fencelock_core::wake::Wakers;
+
+use crate::in_flight::{InFlight, UndoAcquire};
 
 /// Leases per `renew_all` statement: 4 placeholders each, far below MySQL's 65,535.
 const RENEW_BATCH: usize = 1000;
@@ -557,62 +559,26 @@ impl MySqlBackend {
     }
 }
 
-/// An acquire statement whose outcome its caller has not seen yet. Dropped unsettled
-/// (the acquire future was dropped mid-statement, or the statement failed), it frees
-/// whatever the statement may have granted, by owner, as if it had been applied.
-///
-/// The cleanup runs on the same connection, which finishes the statement it undoes
-/// before it runs the next.
-struct InFlight<'a> {
-    backend: &'a MySqlBackend,
-    key: &'a str,
-    owner: &'a OwnerId,
-    conn: Option<PoolConnection<MySql>>,
-}
+impl UndoAcquire for MySqlBackend {
+    type Db = MySql;
+    const STORE: &'static str = STORE;
 
-impl InFlight<'_> {
-    fn connection(&mut self) -> &mut MySqlConnection {
-        self.conn
-            .as_deref_mut()
-            .expect("the connection is taken only when settled or dropped")
+    async fn free_by_owner(
+        &self,
+        conn: &mut PoolConnection<MySql>,
+        key: &str,
+        owner: &OwnerId,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&self.inner.queries.free_by_owner)
+            .bind(key.as_bytes())
+            .bind(owner.as_str())
+            .execute(&mut **conn)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
-    fn settle(mut self) {
-        self.conn = None;
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // Without a runtime the grant, if any, ends at its TTL.
-        };
-        let backend = self.backend.clone();
-        let key = self.key.to_owned();
-        let owner = self.owner.clone();
-        runtime.spawn(async move {
-            let freed = sqlx::query(&backend.inner.queries.free_by_owner)
-                .bind(key.as_bytes())
-                .bind(owner.as_str())
-                .execute(&mut *conn)
-                .await;
-            match freed {
-                Ok(done) if done.rows_affected() > 0 => {
-                    tracing::debug!(key, store = STORE, "freed a grant its acquirer never saw");
-                    backend.inner.wakers.wake(&key);
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(
-                    key,
-                    store = STORE,
-                    error = %err,
-                    "could not free an unseen grant; it ends at its TTL"
-                ),
-            }
-        });
+    fn wake(&self, key: &str) {
+        self.inner.wakers.wake(key);
     }
 }
 

@@ -12,7 +12,7 @@ use fencelock_core::{
 };
 use sqlx::Row;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
+use sqlx::postgres::{PgPool, PgRow, Postgres};
 use tokio::time::Instant;
 
 use super::notify::Listener;
@@ -22,6 +22,8 @@ use super::{STORE, create_table, db_error, is_temporary, open_pool};
 use crate::server_config::LockMode;
 use crate::{PostgresConfig, PostgresFenceGate, backoff};
 use fencelock_core::wake::Wakers;
+
+use crate::in_flight::{InFlight, UndoAcquire};
 
 /// Locks in a Postgres table, shared by every client of the database.
 ///
@@ -505,62 +507,26 @@ impl LockBackend for PostgresBackend {
     }
 }
 
-/// An acquire statement whose outcome its caller has not seen yet. Dropped unsettled
-/// (the acquire future was dropped mid-statement, or the statement failed), it frees
-/// whatever the statement may have granted, by owner, as if it had been applied.
-///
-/// The cleanup runs on the same connection, which finishes the statement it undoes
-/// before it runs the next.
-struct InFlight<'a> {
-    backend: &'a PostgresBackend,
-    key: &'a str,
-    owner: &'a OwnerId,
-    conn: Option<PoolConnection<Postgres>>,
-}
+impl UndoAcquire for PostgresBackend {
+    type Db = Postgres;
+    const STORE: &'static str = STORE;
 
-impl InFlight<'_> {
-    fn connection(&mut self) -> &mut PgConnection {
-        self.conn
-            .as_deref_mut()
-            .expect("the connection is taken only when settled or dropped")
+    async fn free_by_owner(
+        &self,
+        conn: &mut PoolConnection<Postgres>,
+        key: &str,
+        owner: &OwnerId,
+    ) -> Result<bool, sqlx::Error> {
+        let freed = sqlx::query(&self.inner.queries.free_by_owner)
+            .bind(key)
+            .bind(owner.as_str())
+            .fetch_optional(&mut **conn)
+            .await?;
+        Ok(freed.is_some())
     }
 
-    fn settle(mut self) {
-        self.conn = None;
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // Without a runtime the grant, if any, ends at its TTL.
-        };
-        let backend = self.backend.clone();
-        let key = self.key.to_owned();
-        let owner = self.owner.clone();
-        runtime.spawn(async move {
-            let freed = sqlx::query(&backend.inner.queries.free_by_owner)
-                .bind(&key)
-                .bind(owner.as_str())
-                .fetch_optional(&mut *conn)
-                .await;
-            match freed {
-                Ok(Some(_)) => {
-                    tracing::debug!(key, store = STORE, "freed a grant its acquirer never saw");
-                    backend.inner.wakers.wake(&key);
-                }
-                Ok(None) => {}
-                Err(err) => tracing::warn!(
-                    key,
-                    store = STORE,
-                    error = %err,
-                    "could not free an unseen grant; it ends at its TTL"
-                ),
-            }
-        });
+    fn wake(&self, key: &str) {
+        self.inner.wakers.wake(key);
     }
 }
 

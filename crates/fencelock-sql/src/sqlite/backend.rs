@@ -12,13 +12,15 @@ use fencelock_core::{
 };
 use sqlx::Row;
 use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
 use tokio::time::Instant;
 
 use super::queries::LeaseQueries;
 use super::{STORE, db_error, is_temporary, open_pool};
 use crate::{SqliteConfig, SqliteFenceGate};
 use fencelock_core::wake::Wakers;
+
+use crate::in_flight::{InFlight, UndoAcquire};
 
 /// Leases per `renew_all` statement: 4 bound values each, far below SQLite's limit.
 const RENEW_BATCH: usize = 500;
@@ -436,64 +438,26 @@ impl LockBackend for SqliteBackend {
     }
 }
 
-/// An acquire statement whose outcome its caller has not seen yet. Dropped unsettled
-/// (the acquire future was dropped mid-statement, or the statement failed), it frees
-/// whatever the statement may have granted, by owner, as if it had been applied.
-///
-/// The cleanup runs on the same connection: SQLite connections run their statements
-/// in order, so it cannot overtake the statement it undoes.
-struct InFlight<'a> {
-    backend: &'a SqliteBackend,
-    key: &'a str,
-    owner: &'a OwnerId,
-    conn: Option<PoolConnection<Sqlite>>,
-}
+impl UndoAcquire for SqliteBackend {
+    type Db = Sqlite;
+    const STORE: &'static str = STORE;
 
-impl InFlight<'_> {
-    fn connection(&mut self) -> &mut SqliteConnection {
-        self.conn
-            .as_deref_mut()
-            .expect("the connection is taken only when settled or dropped")
+    async fn free_by_owner(
+        &self,
+        conn: &mut PoolConnection<Sqlite>,
+        key: &str,
+        owner: &OwnerId,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&self.inner.queries.free_by_owner)
+            .bind(key)
+            .bind(owner.as_str())
+            .execute(&mut **conn)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
-    /// The caller saw the outcome: nothing to undo.
-    fn settle(mut self) {
-        self.conn = None;
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        // Without a runtime the grant, if any, ends at its TTL.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let backend = self.backend.clone();
-        let key = self.key.to_owned();
-        let owner = self.owner.clone();
-        runtime.spawn(async move {
-            let freed = sqlx::query(&backend.inner.queries.free_by_owner)
-                .bind(&key)
-                .bind(owner.as_str())
-                .execute(&mut *conn)
-                .await;
-            match freed {
-                Ok(done) if done.rows_affected() > 0 => {
-                    tracing::debug!(key, store = STORE, "freed a grant its acquirer never saw");
-                    backend.inner.wakers.wake(&key);
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(
-                    key,
-                    store = STORE,
-                    error = %err,
-                    "could not free an unseen grant; it ends at its TTL"
-                ),
-            }
-        });
+    fn wake(&self, key: &str) {
+        self.inner.wakers.wake(key);
     }
 }
 
