@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the store servers the test suite starts on loopback (Debian packages),
-# plus protoc for the etcd client. Idempotent: installs only what is missing.
+# plus protoc for the etcd client, pgbouncer (the pooling-proxy test), faketime (the
+# wrong-client-clock test) and a JDK when javac is missing (the Curator-layout interop
+# test). Idempotent: installs only what is missing.
 #
 #   scripts/install-stores.sh
 set -euo pipefail
 
-packages=(redis-server etcd-server etcd-client zookeeper mariadb-server mariadb-client postgresql postgresql-client protobuf-compiler)
+packages=(redis-server etcd-server etcd-client zookeeper mariadb-server mariadb-client postgresql postgresql-client protobuf-compiler pgbouncer faketime)
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -13,6 +15,9 @@ for pkg in "${packages[@]}"; do
         missing+=("$pkg")
     fi
 done
+if ! command -v javac >/dev/null 2>&1; then
+    missing+=(default-jdk-headless)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-stores: all store packages present"
