@@ -36,7 +36,7 @@ pub use etcd::{EtcdCluster, EtcdServer};
 pub use mariadb::MariaDb;
 pub use postgres::Postgres;
 pub use process::ServerProcess;
-pub use redis::{RedisPersistence, RedisServer};
+pub use redis::{RedisPersistence, RedisServer, RedisTlsFiles, TlsClients};
 pub use zookeeper::{ZooKeeper, ZooKeeperEnsemble};
 
 /// The result of harness operations.

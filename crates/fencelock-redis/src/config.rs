@@ -1,6 +1,7 @@
 //! Store configuration: plain data with documented defaults, parsed from a URL.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fencelock_core::url::StoreUrl;
@@ -25,6 +26,81 @@ pub struct RedisNode {
     pub username: Option<String>,
     /// The password (`AUTH`), if any. Never shown in `Debug` or error text.
     pub password: Option<String>,
+    /// Connect with TLS (`rediss://`), verifying the server's certificate. Default
+    /// `None`: plain TCP.
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS settings of a server (`rediss://`): the server's certificate is always verified
+/// against its host name (or IP address); nothing here turns that off.
+///
+/// URL options: `ca=/path/ca.pem` (trust this CA instead of the system's roots),
+/// `cert=/path/client.pem` and `key=/path/client.key` (a client certificate, for
+/// servers started with `tls-auth-clients yes`). Files are PEM and are read when
+/// connecting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisTls {
+    /// The CA certificate(s) to trust, instead of the system's root store. Default
+    /// `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain to present. Default `None`. Needs
+    /// [`key_file`](Self::key_file).
+    pub cert_file: Option<PathBuf>,
+    /// The private key of [`cert_file`](Self::cert_file). Default `None`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    /// The URL options of TLS.
+    pub const OPTIONS: &'static [&'static str] = &["ca", "cert", "key"];
+
+    /// Takes `ca`, `cert` and `key` out of `url`: `Some` settings if `tls` (the URL asked
+    /// for TLS), and an error naming the option if one is given without TLS.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a TLS option without TLS, an empty path, or a certificate
+    /// without its key (or the reverse); [`Error::Unsupported`] for TLS in a build
+    /// without the `tls` feature.
+    #[doc(hidden)]
+    pub fn take(url: &mut StoreUrl, tls: bool, fix: &str) -> Result<Option<Self>> {
+        let mut settings = Self::default();
+        for option in Self::OPTIONS {
+            let Some(value) = url.take(option) else {
+                continue;
+            };
+            if !tls {
+                return Err(Error::config(format!(
+                    "option `{option}` of `{url}` is a TLS setting, but this URL does not use \
+                     TLS; {fix}"
+                )));
+            }
+            if value.is_empty() {
+                return Err(Error::config(format!(
+                    "option `{option}` of `{url}` is empty; give the path of a PEM file"
+                )));
+            }
+            let path = Some(PathBuf::from(value));
+            match *option {
+                "ca" => settings.ca_file = path,
+                "cert" => settings.cert_file = path,
+                _ => settings.key_file = path,
+            }
+        }
+        if !tls {
+            return Ok(None);
+        }
+        if !cfg!(feature = "tls") {
+            return Err(tls_unsupported());
+        }
+        if settings.cert_file.is_some() != settings.key_file.is_some() {
+            return Err(Error::config(format!(
+                "`{url}` gives only one of `cert` and `key`; a client certificate needs both \
+                 (cert=/path/client.pem&key=/path/client.key)"
+            )));
+        }
+        Ok(Some(settings))
+    }
 }
 
 impl RedisNode {
@@ -39,6 +115,7 @@ impl RedisNode {
             db: 0,
             username: None,
             password: None,
+            tls: None,
         }
     }
 
@@ -109,8 +186,21 @@ impl RedisNode {
 
     /// What redis-rs connects with.
     pub(crate) fn connection_info(&self) -> redis::ConnectionInfo {
+        let addr = match self.tls {
+            None => redis::ConnectionAddr::Tcp(self.host.clone(), self.port),
+            #[cfg(feature = "tls")]
+            Some(_) => redis::ConnectionAddr::TcpTls {
+                host: self.host.clone(),
+                port: self.port,
+                insecure: false,
+                tls_params: None,
+            },
+            // Refused when the URL is parsed; a node built by hand fails here.
+            #[cfg(not(feature = "tls"))]
+            Some(_) => redis::ConnectionAddr::Tcp(String::new(), 0),
+        };
         redis::ConnectionInfo {
-            addr: redis::ConnectionAddr::Tcp(self.host.clone(), self.port),
+            addr,
             redis: redis::RedisConnectionInfo {
                 db: self.db,
                 username: self.username.clone(),
@@ -129,6 +219,7 @@ impl fmt::Debug for RedisNode {
             .field("db", &self.db)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -170,8 +261,9 @@ fn split_host_port(text: &str) -> Result<(String, u16), String> {
 ///
 /// URL options (all optional): `prefix`, `timeout`, `connect_timeout`, `token_ttl`
 /// (durations such as `500ms`, `5s`, `24h`) and `allow_eviction` (`true`/`false`).
-/// Each field documents its default. `rediss://` (TLS) is recognized and refused with
-/// [`Error::Unsupported`]: this build has no TLS.
+/// Each field documents its default. `rediss://` connects with TLS (see [`RedisTls`]
+/// for its options `ca`, `cert` and `key`); a build without the `tls` feature refuses it
+/// with [`Error::Unsupported`].
 ///
 /// `Debug` hides the password.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -217,6 +309,9 @@ impl RedisConfig {
         "connect_timeout",
         "token_ttl",
         "allow_eviction",
+        "ca",
+        "cert",
+        "key",
     ];
 
     /// A configuration for `node` with every other field at its default.
@@ -236,7 +331,7 @@ impl RedisConfig {
     /// # Errors
     /// [`Error::Config`] naming the problem and the fix (another scheme, a malformed
     /// host, port or database, an unknown option or a bad value);
-    /// [`Error::Unsupported`] for `rediss://`.
+    /// [`Error::Unsupported`] for `rediss://` in a build without the `tls` feature.
     pub fn from_url(url: &str) -> Result<Self> {
         Self::from_store_url(StoreUrl::parse(url)?)
     }
@@ -249,16 +344,16 @@ impl RedisConfig {
     /// As [`from_url`](Self::from_url).
     pub fn from_store_url(mut url: StoreUrl) -> Result<Self> {
         let shown = url.to_string();
-        match url.scheme() {
-            "redis" => {}
-            "rediss" => return Err(tls_unsupported()),
+        let tls = match url.scheme() {
+            "redis" => false,
+            "rediss" => true,
             _ => {
                 return Err(Error::config(format!(
                     "`{shown}` is not a redis URL; write redis://[user:password@]host[:port][/db], \
                      e.g. redis://127.0.0.1:6379/0"
                 )));
             }
-        }
+        };
         let mut nodes = RedisNode::parse_list(url.body())
             .map_err(|problem| Error::config(format!("in `{shown}`: {problem}")))?;
         if nodes.len() != 1 {
@@ -269,6 +364,8 @@ impl RedisConfig {
             )));
         }
         let mut config = Self::new(nodes.remove(0));
+        config.node.tls =
+            RedisTls::take(&mut url, tls, "write rediss:// for TLS, or drop the option")?;
         let options = SharedOptions::take(&mut url)?;
         options.apply(
             &mut config.prefix,
@@ -307,13 +404,14 @@ impl RedisConfig {
     }
 }
 
-/// The error for `rediss://`.
+/// The error for TLS in a build without the `tls` feature.
 #[doc(hidden)]
 pub fn tls_unsupported() -> Error {
     Error::Unsupported {
         store: crate::STORE,
-        what: "TLS (rediss://) in this build: connect with redis:// on a trusted network, or \
-               through a local TLS tunnel (stunnel, spiped) to a redis:// address"
+        what: "TLS (rediss://) in this build, which was made without the `tls` feature of \
+               fencelock-redis: enable it (it is on by default), or connect with redis:// on a \
+               trusted network"
             .to_owned(),
     }
 }
@@ -537,12 +635,48 @@ mod tests {
     }
 
     #[test]
-    fn tls_is_recognized_and_refused_as_unsupported() {
-        let err = RedisConfig::from_url("rediss://u:hunter2@h:6380").unwrap_err();
-        assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
-        let text = err.to_string();
-        assert!(text.contains("TLS") && text.contains("redis://"), "{text}");
-        assert!(!text.contains("hunter2"), "{text}");
+    fn rediss_urls_ask_for_tls_with_their_files() {
+        let config =
+            RedisConfig::from_url("rediss://h:6380/1?ca=/etc/ca.pem&cert=/c.pem&key=/c.key")
+                .unwrap();
+        let tls = config.node.tls.expect("rediss asks for TLS");
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            tls.cert_file.as_deref(),
+            Some(std::path::Path::new("/c.pem"))
+        );
+        assert_eq!(
+            tls.key_file.as_deref(),
+            Some(std::path::Path::new("/c.key"))
+        );
+        assert_eq!((config.node.port, config.node.db), (6380, 1));
+        // Without files: the system's roots, no client certificate.
+        let tls = RedisConfig::from_url("rediss://h")
+            .unwrap()
+            .node
+            .tls
+            .unwrap();
+        assert_eq!(tls, RedisTls::default());
+        assert_eq!(RedisConfig::from_url("redis://h").unwrap().node.tls, None);
+    }
+
+    #[test]
+    fn tls_options_without_tls_or_half_a_client_certificate_are_refused() {
+        let err = config_error("redis://h?ca=/etc/ca.pem");
+        assert!(err.contains("`ca`") && err.contains("rediss://"), "{err}");
+        let err = config_error("rediss://h?cert=/c.pem");
+        assert!(err.contains("cert") && err.contains("key"), "{err}");
+        let err = config_error("rediss://h?ca=");
+        assert!(err.contains("empty") && err.contains("PEM"), "{err}");
+    }
+
+    #[test]
+    fn tls_errors_never_show_the_password() {
+        let err = config_error("redis://u:hunter2@h?ca=/x.pem");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -23,15 +23,64 @@ pub struct ConnectOptions {
     pub allow_eviction: bool,
 }
 
-/// A redis-rs client for `node` (does not connect).
+/// A redis-rs client for `node` (does not connect). With TLS, reads the PEM files it
+/// names.
 ///
 /// # Errors
-/// [`Error::Config`] if redis-rs refuses the address.
+/// [`Error::Config`] if redis-rs refuses the address, or a TLS file cannot be read or
+/// parsed (naming the file and the URL option).
 pub fn client(node: &RedisNode) -> Result<redis::Client> {
-    redis::Client::open(node.connection_info()).map_err(|err| {
+    let refused = |err: RedisError| {
         Error::config(format!(
             "cannot use the Redis server address {}: {err}",
             node.address()
+        ))
+    };
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &node.tls {
+        // redis-rs builds its rustls configuration from the process-wide provider; make
+        // sure there is one (ring) unless the application installed its own.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if tls.ca_file.is_none() && tls.cert_file.is_none() {
+            return redis::Client::open(node.connection_info()).map_err(refused);
+        }
+        let root_cert = tls
+            .ca_file
+            .as_deref()
+            .map(|path| read_pem(path, "ca", "the CA certificate to trust"))
+            .transpose()?;
+        let client_tls = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read_pem(cert, "cert", "the client certificate")?,
+                client_key: read_pem(key, "key", "the client certificate's key")?,
+            }),
+            _ => None,
+        };
+        let certificates = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        return redis::Client::build_with_tls(node.connection_info(), certificates).map_err(
+            |err| {
+                Error::config(format!(
+                    "cannot use the TLS files given for {} (options ca, cert, key): {err}; give \
+                     PEM files (-----BEGIN CERTIFICATE----- / -----BEGIN PRIVATE KEY-----)",
+                    node.address()
+                ))
+            },
+        );
+    }
+    redis::Client::open(node.connection_info()).map_err(refused)
+}
+
+/// Reads a PEM file named by URL option `option`.
+#[cfg(feature = "tls")]
+fn read_pem(path: &std::path::Path, option: &str, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|err| {
+        Error::config(format!(
+            "cannot read {what} `{}` (URL option `{option}`): {err}; give the path of a \
+             readable PEM file",
+            path.display()
         ))
     })
 }
@@ -186,7 +235,11 @@ fn unreachable(node: &RedisNode, err: RedisError) -> Error {
         STORE,
         format!("connect to {address}"),
         true,
-        Unreachable { address, err },
+        Unreachable {
+            address,
+            tls: node.tls.is_some(),
+            err,
+        },
     )
 }
 
@@ -194,6 +247,7 @@ fn unreachable(node: &RedisNode, err: RedisError) -> Error {
 #[derive(Debug)]
 struct Unreachable {
     address: String,
+    tls: bool,
     err: RedisError,
 }
 
@@ -203,7 +257,15 @@ impl fmt::Display for Unreachable {
             f,
             "{}; check that the Redis server at {} is running and reachable",
             self.err, self.address
-        )
+        )?;
+        if self.tls {
+            write!(
+                f,
+                ", that it speaks TLS on this port, and that its certificate is valid for this \
+                 host name and signed by a CA you trust (URL option `ca`)"
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -40,7 +40,9 @@
 //!   fence gate still refuses the older holder's writes.
 //! - Keys must not be evicted: connecting fails when `maxmemory-policy` can evict
 //!   (see [`RedisConfig::allow_eviction`]).
-//! - TLS (`rediss://`) is not built in yet.
+//! - TLS: `rediss://host:port/?ca=/path/ca.pem` verifies the server's certificate
+//!   against the system's roots or the given CA; `cert=`/`key=` present a client
+//!   certificate. Built with the `tls` feature (on by default; rustls with ring).
 //!
 //! Redis 5 or later is required (tested with 7.0).
 #![forbid(unsafe_code)]
@@ -57,7 +59,7 @@ pub mod scripts;
 pub mod wake;
 
 pub use backend::RedisBackend;
-pub use config::{RedisConfig, RedisNode};
+pub use config::{RedisConfig, RedisNode, RedisTls};
 #[doc(hidden)]
 pub use config::{SharedOptions, check_duration, check_prefix, check_token_ttl, tls_unsupported};
 pub use gate::RedisFenceGate;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use fencelock_core::url::StoreUrl;
 use fencelock_core::{Error, Result};
 use fencelock_redis::{
-    RedisConfig, RedisNode, SharedOptions, check_duration, check_prefix, check_token_ttl,
+    RedisConfig, RedisNode, RedisTls, SharedOptions, check_duration, check_prefix, check_token_ttl,
 };
 
 /// How to reach the independent Redis nodes of a Redlock store:
@@ -14,8 +14,10 @@ use fencelock_redis::{
 /// Each node is written as in `redis://` URLs (user and password percent-decoded; a
 /// trailing `/db` applies to every node). URL options (all optional): `prefix`,
 /// `node_timeout`, `connect_timeout`, `token_ttl`, `retry_delay` (durations such as
-/// `50ms`, `5s`) and `allow_eviction` (`true`/`false`). Each field documents its
-/// default. `Debug` hides passwords.
+/// `50ms`, `5s`), `allow_eviction` (`true`/`false`), and `tls=true` to reach every node
+/// with TLS, with the TLS options `ca`, `cert` and `key` of
+/// [`RedisTls`](fencelock_redis::RedisTls) applying to every node. Each field documents
+/// its default. `Debug` hides passwords.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedlockConfig {
@@ -59,6 +61,10 @@ impl RedlockConfig {
         "token_ttl",
         "retry_delay",
         "allow_eviction",
+        "tls",
+        "ca",
+        "cert",
+        "key",
     ];
 
     /// A configuration for `nodes` with every other field at its default.
@@ -97,7 +103,20 @@ impl RedlockConfig {
         }
         let nodes = RedisNode::parse_list(url.body())
             .map_err(|problem| Error::config(format!("in `{shown}`: {problem}")))?;
+        let tls = match url.take("tls").as_deref() {
+            None | Some("false" | "0" | "no") => false,
+            Some("true" | "1" | "yes") => true,
+            Some(other) => {
+                return Err(Error::config(format!(
+                    "option `tls` of `{url}` is `{other}`; give true or false"
+                )));
+            }
+        };
+        let tls = RedisTls::take(&mut url, tls, "add tls=true for TLS, or drop the option")?;
         let mut config = Self::new(nodes);
+        for node in &mut config.nodes {
+            node.tls.clone_from(&tls);
+        }
         SharedOptions::take(&mut url)?.apply(
             &mut config.prefix,
             &mut config.connect_timeout,
@@ -218,6 +237,24 @@ mod tests {
         assert_eq!(config.token_ttl, Duration::from_secs(3600));
         assert_eq!(config.retry_delay, Duration::from_millis(50));
         assert!(config.allow_eviction);
+    }
+
+    #[test]
+    fn tls_applies_to_every_node_and_its_options_need_it() {
+        let config = RedlockConfig::from_url("redlock://a:1,b:2,c:3?tls=true&ca=/ca.pem").unwrap();
+        for node in &config.nodes {
+            let tls = node.tls.as_ref().expect("tls=true reaches every node");
+            assert_eq!(
+                tls.ca_file.as_deref(),
+                Some(std::path::Path::new("/ca.pem"))
+            );
+        }
+        let plain = RedlockConfig::from_url("redlock://a:1,b:2,c:3?tls=false").unwrap();
+        assert!(plain.nodes.iter().all(|node| node.tls.is_none()));
+        let err = config_error("redlock://a:1,b:2,c:3?ca=/ca.pem");
+        assert!(err.contains("tls=true"), "{err}");
+        let err = config_error("redlock://a:1,b:2,c:3?tls=maybe");
+        assert!(err.contains("true or false"), "{err}");
     }
 
     #[test]
