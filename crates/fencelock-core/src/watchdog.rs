@@ -46,6 +46,10 @@ struct Registry {
     task: Option<tokio::task::JoinHandle<()>>,
     /// No `Locker` handle is left: the task ends once the last guard is gone.
     closed: bool,
+    /// When the task will look again by itself (set by each scan; `None`: only when
+    /// woken). A lease registered with nothing due before then needs no wake-up, so
+    /// an acquire/release cycle costs the task nothing.
+    planned: Option<Instant>,
 }
 
 struct Held {
@@ -151,15 +155,27 @@ impl Watchdog {
         if !running {
             registry.task = Some(tokio::spawn(Arc::clone(self).run()));
         }
+        // The task looks again at `planned` anyway; wake it only if this lease is due
+        // earlier (its first renewal comes before its validity ends).
+        let due = now + ttl / 3;
+        let wake = !running || registry.planned.is_none_or(|planned| planned > due);
         drop(registry);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         (id, receiver)
     }
 
     /// Stops renewing `id`. Returns whether it was still held (not lost) at this moment.
     pub(crate) fn deregister(&self, id: u64) -> bool {
-        let removed = self.registry().held.remove(&id);
-        self.wake.notify_one();
+        let mut registry = self.registry();
+        let removed = registry.held.remove(&id);
+        // Nothing becomes due earlier; the task only needs to hear that it may end.
+        let wake = registry.closed && registry.held.is_empty();
+        drop(registry);
+        if wake {
+            self.wake.notify_one();
+        }
         match removed {
             Some(held) => {
                 let valid = Instant::now() < held.lease.valid_until();
@@ -288,6 +304,7 @@ impl Watchdog {
             true
         });
         let done = registry.closed && registry.held.is_empty();
+        registry.planned = next;
         drop(registry);
         // Session stores have no TTL to end a grant: release what max_hold ended.
         for lease in ended_by_max_hold {

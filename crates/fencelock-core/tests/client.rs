@@ -123,6 +123,56 @@ async fn watchdog_renews_every_held_lock_at_a_third_of_the_ttl_in_one_batch() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_short_lease_taken_while_a_long_one_is_held_is_renewed_at_its_own_third() {
+    let backend = Observed::default();
+    let locker = Locker::new(backend.clone());
+    // The task now sleeps until the long lease's first renewal, 30 s away.
+    let long = locker
+        .lock("long")
+        .ttl(Duration::from_secs(90))
+        .await
+        .unwrap();
+    settle().await;
+    let short = locker.lock("short").ttl(TTL).await.unwrap();
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    // 3.5 s at TTL/3 = 1 s: three renewals of the short lease alone, none of the long.
+    assert_eq!(
+        *backend.batches.lock().unwrap(),
+        vec![1; 3],
+        "renewal batches"
+    );
+    assert!(short.is_held() && long.is_held());
+    short.release().await.unwrap();
+    long.release().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn released_leases_are_never_renewed() {
+    let backend = Observed::default();
+    let locker = Locker::new(backend.clone());
+    for _ in 0..5 {
+        let guard = locker.lock("cycle").ttl(TTL).await.unwrap();
+        guard.release().await.unwrap();
+    }
+    let held = locker.lock("held").ttl(TTL).await.unwrap();
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    // Only the lease still held was renewed: at 1 s, 2 s and 3 s.
+    assert_eq!(
+        *backend.batches.lock().unwrap(),
+        vec![1; 3],
+        "renewal batches"
+    );
+    drop(locker);
+    held.release().await.unwrap();
+    tokio::time::sleep(TTL * 10).await;
+    assert_eq!(
+        backend.batches.lock().unwrap().len(),
+        3,
+        "no renewal after the release"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_refused_renewal_marks_the_guard_lost() {
     let backend = Observed::default();
     let locker = Locker::new(backend.clone());
