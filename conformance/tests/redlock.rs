@@ -151,12 +151,18 @@ async fn a_minority_of_nodes_down_is_tolerated() {
     fixture.servers[4].restart(false).await.expect("restart");
     let third = take(&backend, &lock).await;
     assert!(third.token() > second.token());
+    // A grant returns once a majority claimed; the claims on the other nodes land
+    // right after (bounded look: 500 × 10 ms).
     for server in &fixture.servers {
-        assert!(
-            has_key(server, &lock).await,
-            "node {} joined again",
-            server.addr()
-        );
+        let mut joined = false;
+        for _ in 0..500 {
+            if has_key(server, &lock).await {
+                joined = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(joined, "node {} joined again", server.addr());
     }
     backend.release(&third).await.expect("release");
 }
@@ -251,12 +257,11 @@ async fn contenders_in_lock_step_never_double_grant() {
     let lock = name("lock-step");
     for round in 0..3 {
         let mut clients = Vec::new();
+        // The rule is about double grants, not node timeouts: a generous per-node
+        // timeout keeps a loaded 2-core machine from turning slow replies into failures.
+        let url = format!("{}?node_timeout=1s", fixture.redlock_url());
         for _ in 0..5 {
-            clients.push(
-                RedlockBackend::open(&fixture.redlock_url())
-                    .await
-                    .expect("connect"),
-            );
+            clients.push(RedlockBackend::open(&url).await.expect("connect"));
         }
         let start = Arc::new(tokio::sync::Barrier::new(clients.len()));
         let tasks: Vec<_> = clients

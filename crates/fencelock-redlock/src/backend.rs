@@ -13,7 +13,13 @@ use fencelock_core::{
 use fencelock_redis::connection::{self, ConnectOptions};
 use fencelock_redis::scripts::{self, Attempt, KeySpace, Renewal};
 use fencelock_redis::wake::{WakeListener, Wakers};
+use std::future::Future;
+use std::pin::Pin;
+
+use fencelock_redis::redis::aio::ConnectionManager;
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 
 use crate::RedlockConfig;
@@ -35,13 +41,16 @@ const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
 /// 1. **Claim** on every node in parallel, each request bounded by the node timeout
 ///    (default `min(50 ms, ttl/10)`): `SET {prefix}lock:{name} {owner}: NX PX ttl`,
 ///    returning the node's counter floor `max(counter, server time in µs)`.
+///    The attempt goes on as soon as the replies decide it (a majority granted, or
+///    can no longer grant): the slowest nodes are not waited for. A claim they make
+///    later is ours like the others and is released by owner with them.
 /// 2. If at least `N/2 + 1` nodes granted and
 ///    `validity = ttl − elapsed − (ttl·1 % + 2 ms)` is still positive (elapsed counted
 ///    from before the first send), the token is `max(floors) + 1`.
 /// 3. **Raise** on every node in parallel: set the counter to at least the token and
 ///    stamp the claim `{owner}:{token}`, in one script. The grant stands iff at least
 ///    `N/2 + 1` nodes did both **while our claim was live there**, before the validity
-///    minus one node timeout ends.
+///    minus one node timeout ends (again without waiting for the slowest nodes).
 /// 4. Otherwise the claims are released on every node, and the attempt is retried
 ///    after a release message (pub/sub on every node), the holders' remaining time, or
 ///    a random pause up to [`retry_delay`](RedlockConfig::retry_delay), until the wait
@@ -49,7 +58,8 @@ const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
 ///
 /// Renewals extend the claim on every node in parallel (one script per node for a
 /// whole watchdog tick) and count only if a majority extended before the current
-/// validity ended. Releases delete by owner on every node.
+/// validity ended. Releases delete by owner on every node and return once a majority
+/// has answered; the other deletes finish in the background.
 ///
 /// See the crate docs for what the fencing tokens guarantee.
 #[derive(Clone)]
@@ -244,10 +254,10 @@ impl RedlockBackend {
         }
     }
 
-    /// One Redlock attempt: claim, decide, raise; on failure every claim is released
-    /// before this returns.
+    /// One Redlock attempt: claim, decide, raise; on failure the claims are released
+    /// (on a majority before this returns, on the rest in the background).
     async fn attempt(&self, req: &AcquireRequest) -> std::result::Result<Lease, Refusal> {
-        let (keys, name, owner) = (&self.inner.keys, req.name.as_str(), &req.owner);
+        let owner = &req.owner;
         let config = &self.inner.config;
         let limit = config.node_timeout_for(req.ttl);
         let quorum = self.quorum();
@@ -258,12 +268,32 @@ impl RedlockBackend {
             limit: self.relaxed_limit(),
         };
         let sent = Instant::now();
-        let claims = join_all(self.inner.nodes.iter().map(|node| {
-            node.call(limit, |mut conn| async move {
-                scripts::claim(&mut conn, keys, name, owner, req.ttl).await
-            })
-        }))
-        .await;
+        let total = self.inner.nodes.len();
+        let ttl = req.ttl;
+        // Decided as soon as a majority granted (or can no longer grant): any majority's
+        // floors bound every token raised before, and claims still in flight are ours
+        // and released by owner like the rest.
+        let claims = self
+            .until_decided(
+                limit,
+                move |mut conn, keys, name, owner| async move {
+                    scripts::claim(&mut conn, &keys, &name, &owner, ttl).await
+                },
+                &req.name,
+                owner,
+                |results| {
+                    let granted = results
+                        .iter()
+                        .filter(|r| matches!(r, Ok(Attempt::Granted(_))))
+                        .count();
+                    let held = results
+                        .iter()
+                        .filter(|r| matches!(r, Ok(Attempt::Held(_))))
+                        .count();
+                    granted >= quorum || held > total - quorum
+                },
+            )
+            .await;
         let validity_end = valid_until(sent, req.ttl);
         // The raise must land a node timeout before the validity ends, so that no later
         // claim on a node can have read its counter before our raise (see crate docs).
@@ -289,12 +319,21 @@ impl RedlockBackend {
             );
             let token_ttl = config.token_ttl.max(req.ttl);
             let raise_limit = limit.min(raise_by.saturating_duration_since(Instant::now()));
-            let raised = join_all(self.inner.nodes.iter().map(|node| {
-                node.call(raise_limit, |mut conn| async move {
-                    scripts::raise(&mut conn, keys, name, owner, token, token_ttl).await
-                })
-            }))
-            .await;
+            let raised = self
+                .until_decided(
+                    raise_limit,
+                    move |mut conn, keys, name, owner| async move {
+                        scripts::raise(&mut conn, &keys, &name, &owner, token, token_ttl).await
+                    },
+                    &req.name,
+                    owner,
+                    |results| {
+                        let stamped = results.iter().filter(|r| matches!(r, Ok(true))).count();
+                        let refused = results.iter().filter(|r| matches!(r, Ok(false))).count();
+                        stamped >= quorum || refused > total - quorum
+                    },
+                )
+                .await;
             let stamped = raised.iter().filter(|r| matches!(r, Ok(true))).count();
             if stamped >= quorum && Instant::now() < raise_by {
                 cleanup.backend = None;
@@ -339,21 +378,76 @@ impl RedlockBackend {
         })
     }
 
-    /// Deletes `owner`'s claims of `name` on every node; returns how many were deleted
-    /// and the failures.
+    /// Sends `request` to every node at once and returns the outcomes that arrived
+    /// until `decided` says they settle the question (or all arrived). Callers decide
+    /// on answers only, never on failures, so a failure report counts every node. Requests still
+    /// in flight then finish in the background: each node's requests go out on its one
+    /// connection in order, so a later request there (a release) still follows them.
+    async fn until_decided<T, F, Fut>(
+        &self,
+        limit: Duration,
+        request: F,
+        name: &LockName,
+        owner: &OwnerId,
+        decided: impl Fn(&[std::result::Result<T, NodeFailure>]) -> bool,
+    ) -> Vec<std::result::Result<T, NodeFailure>>
+    where
+        T: Send + 'static,
+        F: Fn(ConnectionManager, KeySpace, String, OwnerId) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = fencelock_redis::redis::RedisResult<T>> + Send + 'static,
+    {
+        type Call<T> = Pin<Box<dyn Future<Output = std::result::Result<T, NodeFailure>> + Send>>;
+        let mut pending: FuturesUnordered<Call<T>> = (0..self.inner.nodes.len())
+            .map(|index| {
+                let inner = Arc::clone(&self.inner);
+                let request = request.clone();
+                let (name, owner) = (name.as_str().to_owned(), owner.clone());
+                Box::pin(async move {
+                    let keys = inner.keys.clone();
+                    inner.nodes[index]
+                        .call(limit, move |conn| request(conn, keys, name, owner))
+                        .await
+                }) as Call<T>
+            })
+            .collect();
+        let mut results = Vec::with_capacity(pending.len());
+        while let Some(result) = pending.next().await {
+            results.push(result);
+            if decided(&results) {
+                break;
+            }
+        }
+        if !pending.is_empty() {
+            tokio::spawn(async move { while pending.next().await.is_some() {} });
+        }
+        results
+    }
+
+    /// Deletes `owner`'s claims of `name` on every node; returns, once a majority
+    /// deleted (or too many refused), how many were deleted, how many answered, and the
+    /// failures. Deletes still in flight finish in the background.
     async fn release_everywhere(
         &self,
         name: &LockName,
         owner: &OwnerId,
         limit: Duration,
     ) -> (usize, usize, Vec<NodeFailure>) {
-        let keys = &self.inner.keys;
-        let released = join_all(self.inner.nodes.iter().map(|node| {
-            node.call(limit, |mut conn| async move {
-                scripts::release(&mut conn, keys, name.as_str(), owner, None).await
-            })
-        }))
-        .await;
+        let (total, quorum) = (self.inner.nodes.len(), self.quorum());
+        let released = self
+            .until_decided(
+                limit,
+                |mut conn, keys, name, owner| async move {
+                    scripts::release(&mut conn, &keys, &name, &owner, None).await
+                },
+                name,
+                owner,
+                |results| {
+                    let deleted = results.iter().filter(|r| matches!(r, Ok(true))).count();
+                    let refused = results.iter().filter(|r| matches!(r, Ok(false))).count();
+                    deleted >= quorum || refused > total - quorum
+                },
+            )
+            .await;
         let mut deleted = 0;
         let mut answered = 0;
         let mut failures = Vec::new();
