@@ -56,9 +56,9 @@ local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 /// re-seeded above every token minted before, as long as the clock did not go back.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{NOW_US}
-local pttl = redis.call('PTTL', KEYS[1])
+        r"local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then return {{0, pttl}} end
+{NOW_US}
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
 local token = string.format('%.0f', math.max(last + 1, now_us))
 redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
