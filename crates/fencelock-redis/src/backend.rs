@@ -24,6 +24,12 @@ const RENEW_CHUNK: usize = 1000;
 /// operator wrote by hand): such a grant can only end by a release, which publishes.
 const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
 
+/// The first pause of a waiter whose attempt failed for a temporary reason (the server
+/// unreachable, a command timed out); it doubles up to [`LONGEST_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+/// The longest such pause.
+const LONGEST_RETRY: Duration = Duration::from_secs(1);
+
 /// Locks on one Redis server.
 ///
 /// # How it works
@@ -64,7 +70,10 @@ const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
 /// # Cancel safety
 /// An acquire whose reply was not seen (its future was dropped, the command timed out
 /// or the connection failed) may still have been applied: the backend then releases
-/// the name by owner in the background, and otherwise the grant ends at its TTL.
+/// the name by owner (before retrying, or in the background for a dropped future),
+/// and otherwise the grant ends at its TTL. A waiting acquire retries after a
+/// temporary failure (pauses from 50 ms doubling to 1 s) until its deadline, and then
+/// returns that failure rather than a timeout.
 ///
 /// # Limits
 /// A single server is a single point of failure, and a failover to an asynchronous
@@ -207,9 +216,17 @@ impl RedisBackend {
             req.ttl,
             self.inner.config.token_ttl,
         )
-        .await
-        .map_err(|err| self.failed(format_args!("acquire `{}`", req.name), err))?;
+        .await;
         in_flight.settle();
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                // Maybe applied: undo it by owner before anything else is sent, so a
+                // retry cannot be overtaken by this cleanup.
+                self.undo_unseen(&req.name, &req.owner).await;
+                return Err(self.failed(format_args!("acquire `{}`", req.name), err));
+            }
+        };
         Ok(match outcome {
             Attempt::Granted(token) => Ok(Lease::new(
                 req.name.clone(),
@@ -287,15 +304,33 @@ impl LockBackend for RedisBackend {
                 .map_err(|_| deadline.give_up(&req.name, STORE));
         }
         let waiter = self.inner.wakers.join(req.name.as_str());
-        // Ends at the deadline; each round waits for a release or the holder's expiry.
+        let mut retry = FIRST_RETRY;
+        // Ends at the deadline; each round waits for a release or the holder's expiry,
+        // or, after a temporary failure, for a growing pause.
         loop {
             // Made before the attempt, so a release between the attempt and the wait
             // still wakes this waiter.
             let released = waiter.notify().notified();
-            let remaining = match self.attempt(&req).await? {
-                Ok(lease) => return Ok(lease),
-                Err(remaining) => remaining,
+            let remaining = match self.attempt(&req).await {
+                Ok(Ok(lease)) => return Ok(lease),
+                Ok(Err(remaining)) => remaining,
+                // A wait outlives a store that is briefly unreachable; the last failure
+                // is what the caller hears if the deadline passes meanwhile.
+                Err(err) if err.is_temporary() && !deadline.passed() => {
+                    tracing::debug!(lock = %req.name, store = STORE, error = %err, "attempt failed; retrying within the wait");
+                    tokio::select! {
+                        () = released => {}
+                        () = tokio::time::sleep_until(deadline.cap(Instant::now() + retry)) => {}
+                    }
+                    if deadline.passed() {
+                        return Err(err);
+                    }
+                    retry = (retry * 2).min(LONGEST_RETRY);
+                    continue;
+                }
+                Err(err) => return Err(err),
             };
+            retry = FIRST_RETRY;
             if deadline.passed() {
                 return Err(deadline.give_up(&req.name, STORE));
             }
@@ -413,24 +448,29 @@ impl Drop for InFlight<'_> {
         let backend = backend.clone();
         let name = self.name.clone();
         let owner = self.owner.clone();
-        runtime.spawn(async move {
-            let mut conn = backend.inner.conn.clone();
-            let freed =
-                scripts::release(&mut conn, &backend.inner.keys, name.as_str(), &owner, None)
-                    .await;
-            match freed {
-                Ok(true) => {
-                    tracing::debug!(lock = %name, store = STORE, "freed a grant its acquirer never saw");
-                    backend.inner.wakers.wake(name.as_str());
-                }
-                Ok(false) => {}
-                Err(err) => tracing::warn!(
-                    lock = %name,
-                    store = STORE,
-                    error = %err,
-                    "could not free a grant its acquirer never saw; it ends at its TTL"
-                ),
+        runtime.spawn(async move { backend.undo_unseen(&name, &owner).await });
+    }
+}
+
+impl RedisBackend {
+    /// Releases by owner a grant its acquirer never saw (its reply was lost, or the
+    /// acquire was dropped mid-flight); failures are logged: the grant then ends at
+    /// its TTL.
+    async fn undo_unseen(&self, name: &LockName, owner: &OwnerId) {
+        let mut conn = self.inner.conn.clone();
+        let freed = scripts::release(&mut conn, &self.inner.keys, name.as_str(), owner, None).await;
+        match freed {
+            Ok(true) => {
+                tracing::debug!(lock = %name, store = STORE, "freed a grant its acquirer never saw");
+                self.inner.wakers.wake(name.as_str());
             }
-        });
+            Ok(false) => {}
+            Err(err) => tracing::warn!(
+                lock = %name,
+                store = STORE,
+                error = %err,
+                "could not free a grant its acquirer never saw; it ends at its TTL"
+            ),
+        }
     }
 }

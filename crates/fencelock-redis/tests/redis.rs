@@ -588,3 +588,79 @@ async fn capabilities_say_what_the_store_does() {
     assert_eq!(caps.wait, fencelock_core::WaitKind::Notify);
     assert_eq!(caps.lease, fencelock_core::LeaseKind::Ttl);
 }
+
+/// A release published while a waiter's connections were cut off never reaches it; once
+/// they are back, the waiter looks again by itself (its pub/sub listener wakes every
+/// waiter after resubscribing, and its attempts retry the broken command connection)
+/// and is granted. The holder's grant lasts an hour, so no expiry fallback can be what
+/// grants it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_published_while_the_waiter_was_cut_off_still_reaches_it() {
+    bounded(async {
+        let server = server().await;
+        let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+        let waiter_url = format!("redis://{}/?timeout=500ms", proxy.addr());
+        let waiter = RedisBackend::open(&waiter_url).await.expect("connect");
+        let holder = RedisBackend::open(&server.url()).await.expect("connect");
+        let mut admin = operator(&server.url()).await;
+        let lock = name("cut-off-waiter");
+        let held = holder
+            .acquire(request(
+                &lock,
+                Duration::from_secs(3600),
+                WaitPolicy::NoWait,
+            ))
+            .await
+            .expect("take");
+        let attempts_before = command_calls(&mut admin).await.get("evalsha").copied();
+        let waiting = tokio::spawn({
+            let (waiter, lock) = (waiter.clone(), lock.clone());
+            async move {
+                waiter
+                    .acquire(request(
+                        &lock,
+                        Duration::from_secs(30),
+                        WaitPolicy::Until(Duration::from_secs(40)),
+                    ))
+                    .await
+            }
+        });
+        // The waiter has made its attempt (the server ran one more script) and waits.
+        for _ in 0..1000 {
+            let attempts = command_calls(&mut admin).await.get("evalsha").copied();
+            if attempts.unwrap_or(0) > attempts_before.unwrap_or(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        proxy.set(Fault::Blackhole);
+        holder.release(&held).await.expect("release");
+        // Cut the waiter's connections and wait until the server has dropped its
+        // subscription (bounded: 1000 × 5 ms), then let it reconnect.
+        proxy.set(Fault::Reset);
+        for _ in 0..1000 {
+            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("fencelock:released")
+                .query_async::<Vec<(String, i64)>>(&mut admin)
+                .await
+                .expect("PUBSUB NUMSUB")
+                .pop()
+                .expect("one channel");
+            // The holder's own subscription stays.
+            if subscribers <= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!waiting.is_finished(), "granted while the lock was cut off");
+        proxy.set(Fault::Pass);
+        let lease = waiting
+            .await
+            .expect("waiter task")
+            .expect("granted after reconnecting, long before the holder's hour");
+        assert!(lease.token() > held.token());
+        waiter.release(&lease).await.expect("release");
+    })
+    .await;
+}
