@@ -1,24 +1,30 @@
 //! ZooKeeper's own fault rules, against real servers: session expiry, a short
-//! disconnect, a lost create reply, a recreated parent node and a 50-waiter line.
-//! Checks that do not stop the server share one; those that pause it start their own.
+//! disconnect, a lost create reply, a recreated parent node, a 50-waiter line, the
+//! requests of an uncontended acquire+release, and a 3-node ensemble losing its leader.
+//! Checks that neither stop the server nor count its metrics share one; the others
+//! start their own.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fencelock_conformance::harness::{Server, ZooKeeper};
+use fencelock_conformance::harness::{Server, ZooKeeper, ZooKeeperEnsemble};
+use fencelock_conformance::history::{FencedCounter, History, Hold, check, describe};
 use fencelock_conformance::proxy::{Fault, FaultProxy};
 use fencelock_core::{
     AcquireRequest, Error, Lease, LockBackend, LockName, Locker, LockerOptions, LossReason,
-    MemoryFenceGate, WaitPolicy,
+    MemoryFenceGate, StoreEvent, WaitPolicy,
 };
 use fencelock_zookeeper::ZooKeeperBackend;
 use fencelock_zookeeper::zookeeper_client::Client;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 static SERVER: tokio::sync::OnceCell<ZooKeeper> = tokio::sync::OnceCell::const_new();
 
 const SESSION: Duration = Duration::from_secs(3);
 const TTL: Duration = Duration::from_secs(30);
+/// A TTL no test outlives.
+const HOUR: Duration = Duration::from_secs(3600);
 /// A hang guard for any single step, far beyond every timeout in play.
 const STEP: Duration = Duration::from_secs(20);
 
@@ -243,26 +249,41 @@ async fn tokens_rise_after_the_parent_node_is_deleted_and_recreated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_release_wakes_exactly_one_of_fifty_waiters() {
     // Rule: no herd: each waiter watches only the node before its own, so one
-    // release fires one watch and grants one waiter, the first in line.
+    // release makes the server fire exactly one watch (counted by the server's
+    // `mntr`), wakes one waiter and grants the first in line.
     const WAITERS: usize = 50;
-    let hosts = shared().await.addr().to_string();
+    // Its own server: the watch counters are server-wide. Each waiter has its own
+    // session, as separate processes would, so a herd could not hide behind one
+    // session's shared watch.
+    let server = ZooKeeper::start().await.expect("own ZooKeeper");
+    let hosts = server.addr().to_string();
     let holder = backend(&hosts).await;
-    let waiters = backend(&hosts).await;
     let n = name("herd");
-    let held = take(&holder, &n).await;
+    // A long TTL: the holder's own deletion watch is armed only after a third of it,
+    // so the release fires the waiters' watches alone.
+    let held = timeout(
+        STEP,
+        holder.acquire(AcquireRequest::new(n.clone(), HOUR).unwrap()),
+    )
+    .await
+    .expect("step")
+    .expect("acquire a free lock");
     let zk = operator(&hosts).await;
     let dir = holder.lock_path(&n);
     let (granted_tx, mut granted) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiters = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..WAITERS {
-        let (w, n, tx) = (Arc::clone(&waiters), n.clone(), granted_tx.clone());
+        let w = backend(&hosts).await;
+        waiters.push(Arc::clone(&w));
+        let (n, tx) = (n.clone(), granted_tx.clone());
         tasks.push(tokio::spawn(async move {
             let lease = w.acquire(request(&n, WaitPolicy::Forever)).await;
             let _ = tx.send((i, lease));
         }));
         // In order, so the line is known: waiter 0 is right after the holder.
         let mut queued = false;
-        for _ in 0..200 {
+        for _ in 0..400 {
             if zk.list_children(&dir).await.expect("list").len() == i + 2 {
                 queued = true;
                 break;
@@ -271,22 +292,38 @@ async fn one_release_wakes_exactly_one_of_fifty_waiters() {
         }
         assert!(queued, "waiter {i} never queued");
     }
-    assert_eq!(waiters.wakeups(), 0);
+    let wakeups =
+        |waiters: &[Arc<ZooKeeperBackend>]| -> u64 { waiters.iter().map(|w| w.wakeups()).sum() };
+    assert_eq!(wakeups(&waiters), 0);
+    let before = server.metrics().await.expect("mntr before");
     holder.release(&held).await.expect("release");
+    // The server fires a delete's watches before it answers the delete.
+    let after = server.metrics().await.expect("mntr after");
+    let fired = |metric: &str| {
+        after.get(metric).copied().unwrap_or(0) - before.get(metric).copied().unwrap_or(0)
+    };
+    assert_eq!(
+        fired("zk_sum_node_deleted_watch_count"),
+        1,
+        "one release must fire exactly one watch on the server"
+    );
+    assert_eq!(
+        fired("zk_sum_node_children_watch_count"),
+        0,
+        "nobody may watch the lock's children"
+    );
     let (first, lease) = timeout(STEP, granted.recv())
         .await
         .expect("one waiter granted")
         .expect("channel");
     let lease = lease.expect("granted");
     assert_eq!(first, 0, "the first in line was not the one granted");
-    // Let any stray wake-ups arrive before counting (bounded).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(waiters.wakeups(), 1, "more than one waiter was woken");
+    assert_eq!(wakeups(&waiters), 1, "more than one waiter was woken");
     assert!(granted.try_recv().is_err(), "a second waiter was granted");
     for task in &tasks[1..] {
         task.abort();
     }
-    waiters.release(&lease).await.expect("release");
+    waiters[0].release(&lease).await.expect("release");
     // Aborted waiters delete their nodes in the background (bounded wait).
     for _ in 0..200 {
         if zk.list_children(&dir).await.expect("list").is_empty() {
@@ -295,6 +332,250 @@ async fn one_release_wakes_exactly_one_of_fifty_waiters() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("dropped waiters left nodes behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncontended_acquire_and_release_send_create_one_listing_and_delete_only() {
+    // Rule: an uncontended acquire+release costs exactly one create, one children
+    // listing and one delete, as the server counts them: by type in its request log
+    // (our session only, pings apart) and in `mntr`'s per-namespace read and write
+    // counts (which leave pings out).
+    const CYCLES: usize = 25;
+    let server = ZooKeeper::start_logging_requests()
+        .await
+        .expect("own ZooKeeper");
+    let hosts = server.addr().to_string();
+    let a = Arc::new(
+        ZooKeeperBackend::open(&format!("zk://{hosts}/opcount?session_timeout=4s"))
+            .await
+            .expect("connect"),
+    );
+    let session = a.session().expect("a session").id().0;
+    let n = name("uncontended");
+    // Warm up: the first acquisition also creates the parent nodes.
+    let warm = take(&a, &n).await;
+    a.release(&warm).await.expect("release");
+    let logged_before = server.requests_of(session).expect("request log").len();
+    let before = server.metrics().await.expect("mntr before");
+    let mut tokens = Vec::new();
+    for _ in 0..CYCLES {
+        let lease = take(&a, &n).await;
+        tokens.push(lease.token());
+        a.release(&lease).await.expect("release");
+    }
+    let after = server.metrics().await.expect("mntr after");
+    assert_eq!(
+        a.session().expect("a session").id().0,
+        session,
+        "the session changed mid-run"
+    );
+    let requests: Vec<(String, String)> = server.requests_of(session).expect("request log")
+        [logged_before..]
+        .iter()
+        .filter(|(kind, _)| kind != "ping")
+        .cloned()
+        .collect();
+    // The log names a write by its type only (its path is `n/a`).
+    let dir = a.lock_path(&n);
+    assert_eq!(requests.len(), 3 * CYCLES, "requests: {requests:?}");
+    for (i, cycle) in requests.chunks(3).enumerate() {
+        let kinds: Vec<&str> = cycle.iter().map(|(kind, _)| kind.as_str()).collect();
+        assert!(
+            matches!(kinds[..], ["create" | "create2", "getChildren", "delete"])
+                && cycle[1].1 == dir,
+            "cycle {i} sent {cycle:?}, not create, getChildren {dir}, delete"
+        );
+    }
+    let delta = |metric: &str| {
+        after.get(metric).copied().unwrap_or(0) - before.get(metric).copied().unwrap_or(0)
+    };
+    let writes = delta("zk_cnt_opcount_write_per_namespace");
+    let reads = delta("zk_cnt_opcount_read_per_namespace");
+    let packets = delta("zk_packets_received");
+    eprintln!(
+        "{CYCLES} uncontended acquire+release: {} requests logged for our session \
+         (create, getChildren, delete each cycle); mntr: {writes} writes, {reads} reads, \
+         {packets} packets received (pings and the first mntr included)",
+        requests.len()
+    );
+    let cycles = i64::try_from(CYCLES).unwrap();
+    assert_eq!(writes, 2 * cycles, "one create and one delete per cycle");
+    assert_eq!(reads, cycles, "one read per cycle");
+    assert_eq!(delta("zk_znode_count"), 0, "every created node was deleted");
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens rise");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensemble_leader_killed_mid_run_keeps_mutual_exclusion_and_acquisitions_resume() {
+    // Rule: on a 3-node ensemble, killing the leader while clients contend for one
+    // lock breaks no mutual exclusion (the history checker finds no overlapping
+    // holds, no interleaved fenced writes, no falling token) and grants resume
+    // after a new leader is elected.
+    const CLIENTS: usize = 4;
+    const GRANTS_BEFORE: usize = 20;
+    const GRANTS_AFTER: usize = 20;
+    /// Each client's bound on its own loop.
+    const MAX_ROUNDS: usize = 5_000;
+    let mut ensemble = ZooKeeperEnsemble::start()
+        .await
+        .expect("start a 3-node ensemble");
+    let url = format!("{}/ensemble?session_timeout=4s", ensemble.url());
+    let n = name("ensemble");
+    let counter = FencedCounter::new();
+    let holds: Arc<Mutex<Vec<Hold>>> = Arc::default();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let began = Instant::now();
+    // Clients that saw their session disconnected: the leader's death makes every
+    // node drop its clients until a new leader is elected.
+    let cut_off = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    let mut listeners = Vec::new();
+    for c in 0..CLIENTS {
+        let backend = Arc::new(ZooKeeperBackend::open(&url).await.expect("connect"));
+        let mut events = backend.events().expect("session events");
+        let cut = Arc::clone(&cut_off);
+        listeners.push(tokio::spawn(async move {
+            // Bounded: ends at the first Suspended, or when the backend is dropped.
+            while let Ok(event) = events.recv().await {
+                if matches!(event, StoreEvent::Suspended) {
+                    cut.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }));
+        let (n, counter, holds, errors, stop) = (
+            n.clone(),
+            counter.clone(),
+            Arc::clone(&holds),
+            Arc::clone(&errors),
+            Arc::clone(&stop),
+        );
+        clients.push(tokio::spawn(async move {
+            let holder = format!("client-{c}");
+            for _ in 0..MAX_ROUNDS {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let wait = WaitPolicy::Until(Duration::from_secs(5));
+                let lease = match backend.acquire(request(&n, wait)).await {
+                    Ok(lease) => lease,
+                    Err(_) => {
+                        // Mostly connection losses while the ensemble elects.
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let start = Instant::now();
+                let _ = counter.increment(&holder, lease.token()).await;
+                holds.lock().unwrap().push(Hold {
+                    holder: holder.clone(),
+                    token: lease.token(),
+                    start,
+                    end: Instant::now(),
+                });
+                // Bounded retries; a release that never lands ends with the TTL.
+                for _ in 0..50 {
+                    match backend.release(&lease).await {
+                        Err(err) if err.is_temporary() => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }));
+    }
+    let grants_since = |at: Instant| {
+        holds
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.start > at)
+            .count()
+    };
+    wait_for(
+        || grants_since(began) >= GRANTS_BEFORE,
+        "grants before the kill",
+    )
+    .await;
+    let mut leader = None;
+    for _ in 0..100 {
+        leader = ensemble.leader().await;
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader = leader.expect("the ensemble has a leader");
+    let killed_at = Instant::now();
+    ensemble.node_mut(leader).kill().expect("kill the leader");
+    let mut new_leader = None;
+    for _ in 0..600 {
+        new_leader = ensemble.leader().await;
+        if new_leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elected_at = Instant::now();
+    assert_ne!(new_leader, Some(leader), "the killed node still leads");
+    let new_leader = new_leader.expect("a new leader is elected");
+    wait_for(
+        || grants_since(killed_at) >= GRANTS_AFTER && grants_since(elected_at) >= GRANTS_AFTER,
+        "grants after the leader was killed and a new one elected",
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        timeout(Duration::from_secs(60), client)
+            .await
+            .expect("client stops")
+            .expect("client task");
+    }
+    for listener in &listeners {
+        listener.abort();
+    }
+    assert_eq!(
+        cut_off.load(Ordering::SeqCst),
+        CLIENTS,
+        "every client's session must have been disconnected by the leader's death"
+    );
+    let history = History {
+        holds: holds.lock().unwrap().clone(),
+        writes: counter.writes(),
+        ..History::default()
+    };
+    let after = grants_since(killed_at);
+    eprintln!(
+        "{} grants ({after} after the kill of leader node {}; node {} leads now), \
+         {} errors retried",
+        history.holds.len(),
+        leader + 1,
+        new_leader + 1,
+        errors.load(Ordering::Relaxed)
+    );
+    if let Err(violations) = check(&history, false) {
+        panic!("mutual exclusion broken: {}", describe(&violations));
+    }
+    assert!(
+        history.writes.iter().all(|w| w.accepted),
+        "a holder's fenced write was refused"
+    );
+    assert_eq!(counter.value(), history.holds.len() as u64);
+}
+
+/// Waits until `done` (checked every 50 ms, at most 120 s: a hang guard).
+async fn wait_for(done: impl Fn() -> bool, what: &str) {
+    for _ in 0..2_400 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never reached: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

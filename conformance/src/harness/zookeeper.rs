@@ -18,7 +18,8 @@ const READY_WITHIN: Duration = Duration::from_secs(40);
 /// Runs `java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData
 /// -cp /usr/share/java/zookeeper.jar:slf4j-simple.jar QuorumPeerMain <tmp>/zoo.cfg`
 /// with `tickTime=200`, session timeouts from [`MIN_SESSION_TIMEOUT`] to
-/// [`MAX_SESSION_TIMEOUT`], `4lw.commands.whitelist=*`, `admin.enableServer=false`;
+/// [`MAX_SESSION_TIMEOUT`], `4lw.commands.whitelist=*`, `admin.enableServer=false`,
+/// `maxClientCnxns=0` (no per-address cap: tests open dozens of sessions);
 /// the log goes to `<tmp>/server.log`. Ready when `srvr` reports a `Mode:` (it
 /// serves), so a restarted ensemble node needs a quorum of the others up.
 ///
@@ -44,8 +45,63 @@ impl ZooKeeper {
 
     /// Starts a standalone server.
     pub async fn start() -> Result<Self> {
-        let mut nodes = start_nodes(1).await?;
+        let mut nodes = start_nodes(1, false).await?;
         Ok(nodes.remove(0))
+    }
+
+    /// Starts a standalone server that logs every request it processes (its
+    /// `FinalRequestProcessor` at debug level), so a test can count a session's
+    /// requests by type with [`requests_of`](Self::requests_of).
+    pub async fn start_logging_requests() -> Result<Self> {
+        let mut nodes = start_nodes(1, true).await?;
+        Ok(nodes.remove(0))
+    }
+
+    /// The requests the server has processed for session `session_id`, in order, as
+    /// `(type, path)`: `("create", "/a/_c_..-lock-")`, `("getChildren", "/a")`,
+    /// `("ping", "n/a")`. Empty unless started by
+    /// [`start_logging_requests`](Self::start_logging_requests). The server logs a
+    /// request before it answers it, so every answered request is in the list.
+    ///
+    /// # Errors
+    /// [`HarnessError::Io`] if the log cannot be read.
+    pub fn requests_of(&self, session_id: i64) -> Result<Vec<(String, String)>> {
+        let log_path = self._dir.path().join("server.log");
+        let log = std::fs::read_to_string(&log_path)
+            .map_err(|err| HarnessError::io(format!("read {}", log_path.display()), err))?;
+        let session = format!("sessionid:{session_id:#x} ");
+        Ok(log
+            .lines()
+            .filter_map(|line| {
+                line.split_once("Processing request:: ")?
+                    .1
+                    .strip_prefix(&session)
+            })
+            .filter_map(|rest| {
+                let field = |key: &str| {
+                    rest.split(' ')
+                        .find_map(|word| word.strip_prefix(key))
+                        .map(str::to_owned)
+                };
+                Some((field("type:")?, field("reqpath:")?))
+            })
+            .collect())
+    }
+
+    /// The server's `mntr` report as `(name, value)` pairs (`zk_packets_received`,
+    /// `zk_cnt_{namespace}_write_per_namespace`, `zk_sum_node_deleted_watch_count`,
+    /// ...), `None` if the node does not answer. Lines whose value is no integer are
+    /// left out.
+    pub async fn metrics(&self) -> Option<std::collections::HashMap<String, i64>> {
+        let reply = ask(self.process.port(), b"mntr").await?;
+        let metrics: std::collections::HashMap<String, i64> = reply
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once('\t')?;
+                Some((name.trim().to_owned(), value.trim().parse().ok()?))
+            })
+            .collect();
+        (!metrics.is_empty()).then_some(metrics)
     }
 
     /// What `srvr` reports as `Mode:` (`standalone`, `leader`, `follower`), or
@@ -97,7 +153,7 @@ impl ZooKeeperEnsemble {
     /// Starts three nodes and waits until each serves (a leader is elected).
     pub async fn start() -> Result<Self> {
         Ok(Self {
-            nodes: start_nodes(Self::NODES).await?,
+            nodes: start_nodes(Self::NODES, false).await?,
         })
     }
 
@@ -156,7 +212,7 @@ impl ZooKeeperEnsemble {
     }
 }
 
-async fn start_nodes(count: usize) -> Result<Vec<ZooKeeper>> {
+async fn start_nodes(count: usize, log_requests: bool) -> Result<Vec<ZooKeeper>> {
     let java = find_binary("java")?;
     let classpath = classpath()?;
     let dirs = (0..count)
@@ -189,6 +245,9 @@ async fn start_nodes(count: usize) -> Result<Vec<ZooKeeper>> {
                     // Faster re-election when a peer is down.
                     .args(["-Dzookeeper.cnxTimeout=1000"])
                     .args(["-Dorg.slf4j.simpleLogger.showDateTime=true"])
+                    .args(log_requests.then_some(
+                        "-Dorg.slf4j.simpleLogger.log.org.apache.zookeeper.server.FinalRequestProcessor=debug",
+                    ))
                     .args(["-cp", &classpath])
                     .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
                     .arg(config);
@@ -235,6 +294,7 @@ fn zoo_cfg(data: &Path, client_port: u16, servers: &str) -> String {
          minSessionTimeout={min}\n\
          maxSessionTimeout={max}\n\
          4lw.commands.whitelist=*\n\
+         maxClientCnxns=0\n\
          admin.enableServer=false\n\
          forceSync=no\n\
          preAllocSize=1024\n\

@@ -35,13 +35,16 @@ const MAX_CREATE_ATTEMPTS: usize = 5;
 ///   node just before its own (no herd) and lists again when it goes. If the reply to
 ///   the create is lost, the node is found by its uuid instead of creating another.
 ///   A dropped acquire, a `NoWait` refusal and a timed-out wait delete the node.
+///   Uncontended, acquire and release send three requests in all: create, one
+///   children listing, delete.
 /// - **Token**: the node's `czxid`, read from the plain create's stat (never from a
 ///   multi-op, whose stat ZooKeeper 3.8.0 does not return: ZOOKEEPER-4026). Zxids rise
 ///   across the ensemble, so tokens keep rising when the lock's parent node is deleted
 ///   and recreated, unlike the sequence suffix.
 /// - **TTL**: the node lives with the session, and this backend also deletes it when
 ///   the grant's TTL runs out without a renewal (as long as this process runs). A
-///   renewal writes nothing: it reads the node's stat.
+///   renewal writes nothing: it reads the node's stat. A grant held for a third of
+///   its TTL also watches its node, so a deletion by someone else is reported at once.
 /// - **Release**: a versioned delete of our node; through another backend than the
 ///   one that granted it, after checking the node's `czxid` is the lease's token.
 ///   Renewals must go through the granting backend (it keeps the TTL).
@@ -213,12 +216,13 @@ impl ZooKeeperBackend {
     }
 
     /// Registers a grant and starts its keeper (TTL and deletion watch).
-    fn register(&self, session: &Arc<Session>, path: &str, grant: Grant) {
+    fn register(&self, session: &Arc<Session>, path: &str, grant: Grant, ttl: Duration) {
         self.sessions.grants.insert(path.to_owned(), grant);
         tokio::spawn(keep(
             Arc::downgrade(&self.sessions.grants),
             Arc::clone(session),
             path.to_owned(),
+            ttl / 3,
             self.sessions.events.clone(),
         ));
     }
@@ -315,27 +319,35 @@ impl Drop for PendingNode {
 /// Keeps one grant: deletes its node when its TTL runs out unrenewed, and reports a
 /// deletion by anyone else as [`StoreEvent::LeaseLost`].
 ///
+/// The deletion watch is armed only once the grant has been held for `arm_after`
+/// (a third of its TTL, when the watchdog's first renewal also reads the node), so an
+/// uncontended acquire+release costs exactly create, one children listing and delete.
+/// A deletion before that is found by the next renewal.
+///
 /// Holds the session, so a grant outlives a dropped backend until its TTL, like a
 /// grant of a TTL store; the last keeper to end closes the session.
 async fn keep(
     grants: std::sync::Weak<Grants>,
     session: Arc<Session>,
     path: String,
+    arm_after: Duration,
     events: broadcast::Sender<StoreEvent>,
 ) {
-    let watched = session.client.check_and_watch_stat(&path).await;
     type Watch =
         std::pin::Pin<Box<dyn std::future::Future<Output = zookeeper_client::WatchedEvent> + Send>>;
-    let mut watch: Watch = match watched {
-        Ok((Some(_), watch)) => Box::pin(watch.changed()),
-        // Gone already or unreadable: the next renewal finds out.
-        _ => Box::pin(futures_pending()),
-    };
+    let mut watch: Watch = Box::pin(futures_pending());
+    let mut arm_at = Some(Instant::now() + arm_after);
     loop {
         let Some(deadline) = grants.upgrade().and_then(|g| g.deadline(&path)) else {
             return; // released or lost
         };
-        tokio::select! {
+        let arming = async {
+            match arm_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
             () = tokio::time::sleep_until(deadline) => {
                 let Some(grants) = grants.upgrade() else { return };
                 if grants.deadline(&path).is_some_and(|d| d > Instant::now()) {
@@ -347,28 +359,48 @@ async fn keep(
                 delete_ours(&session, "", "", Some(path)).await;
                 return;
             }
-            event = &mut watch => {
-                if event.event_type == EventType::Session {
-                    return; // the session monitor reports it
-                }
-                let Some(grants) = grants.upgrade() else { return };
-                // Re-arm on anything but a deletion; a node gone means lost.
-                let exists = match session.client.check_and_watch_stat(&path).await {
-                    Ok((Some(_), rearmed)) if event.event_type != EventType::NodeDeleted => {
-                        watch = Box::pin(rearmed.changed());
-                        true
-                    }
-                    Ok((Some(_), _)) => true,
-                    _ => false,
-                };
-                if !exists {
-                    if let Some(grant) = grants.remove(&path) {
-                        tracing::warn!(lock = %grant.name, "zookeeper lock node deleted by someone else");
-                        let _ = events.send(StoreEvent::LeaseLost { name: grant.name, owner: grant.owner });
-                    }
-                    return;
-                }
+            () = arming => None,
+            event = &mut watch => Some(event),
+        };
+        arm_at = None;
+        if event
+            .as_ref()
+            .is_some_and(|e| e.event_type == EventType::Session)
+        {
+            return; // the session monitor reports it
+        }
+        let Some(grants) = grants.upgrade() else {
+            return;
+        };
+        if grants.deadline(&path).is_none() {
+            return; // released meanwhile
+        }
+        // (Re-)arm on anything but a deletion; a node gone means lost.
+        let deleted = event
+            .as_ref()
+            .is_some_and(|e| e.event_type == EventType::NodeDeleted);
+        let exists = match session.client.check_and_watch_stat(&path).await {
+            Ok((Some(_), armed)) if !deleted => {
+                watch = Box::pin(armed.changed());
+                true
             }
+            Ok((Some(_), _)) | Err(_) => {
+                // The old watch has fired; if unreadable now (disconnected), the
+                // renewals find out.
+                watch = Box::pin(futures_pending());
+                true
+            }
+            Ok((None, _)) => false,
+        };
+        if !exists {
+            if let Some(grant) = grants.remove(&path) {
+                tracing::warn!(lock = %grant.name, "zookeeper lock node deleted by someone else");
+                let _ = events.send(StoreEvent::LeaseLost {
+                    name: grant.name,
+                    owner: grant.owner,
+                });
+            }
+            return;
         }
     }
 }
@@ -428,6 +460,7 @@ impl LockBackend for ZooKeeperBackend {
                             deadline: valid,
                             session: Arc::downgrade(&session),
                         },
+                        req.ttl,
                     );
                     return Ok(Lease::new(req.name, req.owner, token, valid).with_locator(path));
                 }
