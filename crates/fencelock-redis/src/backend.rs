@@ -43,8 +43,9 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 ///   [`renew_all`](LockBackend::renew_all) checks and extends a whole watchdog tick in
 ///   one script (one round trip for up to 1000 leases; larger ticks send several
 ///   scripts together).
-/// - **release**: `DEL` the key if it still holds exactly `{owner}:{token}`, then
-///   `PUBLISH {prefix}released {name}`.
+/// - **release**: `DEL` the key if it still holds exactly `{owner}:{token}`, then, if
+///   a waiter marked the name (`{prefix}waiters:{name}`, set by a failed acquire),
+///   `PUBLISH {prefix}released {name}`. An uncontended release publishes nothing.
 ///
 /// Validity is computed on this side from the instant the request was sent
 /// ([`valid_until`]); the TTL runs on the server from when it ran the script, which is
@@ -63,9 +64,11 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 ///
 /// # Waiting
 /// [`WaitKind::Notify`]: each backend keeps one pub/sub connection subscribed to
-/// `{prefix}released`; a release wakes this process's waiters on that name, which try
-/// again at once. An expiry publishes nothing, so a waiter also wakes when the
-/// holder's remaining time (returned by its failed attempt) has passed. Not FIFO.
+/// `{prefix}released`; a release that someone waits for (each failed attempt marks the
+/// name for the holder's remaining time plus 2 s) wakes this process's waiters on that
+/// name, which try again at once. An expiry publishes nothing, so a waiter also wakes
+/// when the holder's remaining time (returned by its failed attempt) has passed. Not
+/// FIFO.
 ///
 /// # Cancel safety
 /// An acquire whose reply was not seen (its future was dropped, the command timed out

@@ -272,9 +272,9 @@ pub struct RedisConfig {
     /// The server.
     pub node: RedisNode,
     /// Prepended to every key: `{prefix}lock:{name}` holds a grant,
-    /// `{prefix}token:{name}` the name's token counter, `{prefix}fence:{resource}` a
-    /// fence gate's highest token, and releases are published on
-    /// `{prefix}released`. Default [`DEFAULT_PREFIX`](Self::DEFAULT_PREFIX). Give each
+    /// `{prefix}token:{name}` the name's token counter, `{prefix}waiters:{name}` marks
+    /// that someone waits, `{prefix}fence:{resource}` a fence gate's highest token, and
+    /// releases are published on `{prefix}released`. Default [`DEFAULT_PREFIX`](Self::DEFAULT_PREFIX). Give each
     /// application its own prefix to keep their locks apart.
     pub prefix: String,
     /// How long one command may take before it fails with a temporary error (and an

@@ -4,9 +4,10 @@
 //! once when the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 //!
 //! A grant is the key `{prefix}lock:{name}` holding `{owner}:{token}` with a `PX`
-//! expiry; `{prefix}token:{name}` holds the name's token counter. The two namespaces
-//! start with different literals after the prefix, so no name's lock key is another
-//! name's token key. Owner ids are 32 hex digits without `:`, so a value names its
+//! expiry; `{prefix}token:{name}` holds the name's token counter, and
+//! `{prefix}waiters:{name}` exists while someone waits (so only a release that someone
+//! waits for publishes). The namespaces start with different literals after the
+//! prefix, so no name's lock key is another name's token or waiters key. Owner ids are 32 hex digits without `:`, so a value names its
 //! owner unambiguously. Checks compare the whole value (owner **and** token), except
 //! the cleanup of an acquire whose reply was never seen, which knows only the owner.
 //!
@@ -48,16 +49,36 @@ local clock = redis.call('TIME')
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 ";
 
-/// KEYS: lock, counter. ARGV: owner, ttl ms, counter ttl ms.
-/// `{1, token}` when granted, `{0, pttl}` when held (pttl -1: held without expiry).
+/// How long a waiter's mark outlives the holder's remaining time (or the 1 s recheck
+/// of a grant without expiry), in ms: the waiter looks again, and marks again, before
+/// its mark ends.
+const WAITER_MARGIN_MS: u64 = 2000;
+
+/// Marks that someone waits for `KEYS[3]`'s lock, for `pttl` plus a margin, so its
+/// release publishes. Defines `mark_waiter(pttl)`.
+const MARK_WAITER: &str = r"
+local function mark_waiter(pttl)
+  local ms = pttl
+  if ms < 0 then ms = 1000 end
+  redis.call('SET', KEYS[3], '1', 'PX', ms + tonumber(ARGV[#ARGV]))
+end
+";
+
+/// KEYS: lock, counter, waiters. ARGV: owner, ttl ms, counter ttl ms, margin ms.
+/// `{1, token}` when granted, `{0, pttl}` when held (pttl -1: held without expiry),
+/// after marking that someone waits.
 ///
 /// The token is `max(counter + 1, now_us)`: it rises by at least one per grant, and it
 /// never lags the server clock, so a counter lost with all data (or expired) is
 /// re-seeded above every token minted before, as long as the clock did not go back.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"local pttl = redis.call('PTTL', KEYS[1])
-if pttl ~= -2 then return {{0, pttl}} end
+        r"{MARK_WAITER}
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 then
+  mark_waiter(pttl)
+  return {{0, pttl}}
+end
 {NOW_US}
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
 local token = string.format('%.0f', math.max(last + 1, now_us))
@@ -67,7 +88,7 @@ return {{1, token}}"
     ))
 });
 
-/// Redlock's first phase. KEYS: lock, counter. ARGV: owner, ttl ms.
+/// Redlock's first phase. KEYS: lock, counter, waiters. ARGV: owner, ttl ms, margin ms.
 /// `{1, floor}` when claimed (the value is `owner:` until `RAISE` stamps the token;
 /// `floor` is `max(counter, now_us)`), `{0, pttl}` when held. A claim left by an
 /// earlier attempt of the same owner (whose release did not arrive) is taken over.
@@ -75,9 +96,13 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW_US}
 {OURS}
+{MARK_WAITER}
 if not ours(redis.call('GET', KEYS[1]), ARGV[1], '') then
   local pttl = redis.call('PTTL', KEYS[1])
-  if pttl ~= -2 then return {{0, pttl}} end
+  if pttl ~= -2 then
+    mark_waiter(pttl)
+    return {{0, pttl}}
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ':', 'PX', ARGV[2])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
@@ -129,14 +154,18 @@ return renewed"
     ))
 });
 
-/// KEYS: lock. ARGV: owner, token ('' for any), channel, name.
-/// Deletes the grant if it is ours and publishes the name on the channel: 1, else 0.
+/// KEYS: lock, waiters. ARGV: owner, token ('' for any), channel, name.
+/// Deletes the grant if it is ours and, if a waiter marked the name, publishes the
+/// name on the channel: 1, else 0. A waiter's failed attempt and a release are both
+/// atomic, so every waiter whose attempt came before the release is heard.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{OURS}
 if ours(redis.call('GET', KEYS[1]), ARGV[1], ARGV[2]) then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  if redis.call('DEL', KEYS[2]) == 1 then
+    redis.call('PUBLISH', ARGV[3], ARGV[4])
+  end
   return 1
 end
 return 0"
@@ -217,6 +246,12 @@ impl KeySpace {
         format!("{}fence:{resource}", self.prefix)
     }
 
+    /// `{prefix}waiters:{name}`: set while someone waits for `name`, so that its
+    /// release publishes.
+    pub fn waiters(&self, name: &str) -> String {
+        format!("{}waiters:{name}", self.prefix)
+    }
+
     /// `{prefix}released`: where releases publish the name they freed.
     pub fn channel(&self) -> String {
         format!("{}released", self.prefix)
@@ -260,9 +295,11 @@ pub async fn acquire(
     let reply: (i64, String) = ACQUIRE
         .key(keys.lock(name))
         .key(keys.token(name))
+        .key(keys.waiters(name))
         .arg(owner.as_str())
         .arg(millis_ceil(ttl))
         .arg(millis_ceil(token_ttl.max(ttl)))
+        .arg(WAITER_MARGIN_MS)
         .invoke_async(conn)
         .await?;
     attempt(reply)
@@ -283,8 +320,10 @@ pub async fn claim(
     let reply: (i64, String) = CLAIM
         .key(keys.lock(name))
         .key(keys.token(name))
+        .key(keys.waiters(name))
         .arg(owner.as_str())
         .arg(millis_ceil(ttl))
+        .arg(WAITER_MARGIN_MS)
         .invoke_async(conn)
         .await?;
     attempt(reply)
@@ -348,7 +387,8 @@ pub async fn renew(
 }
 
 /// Deletes `owner`'s grant of `name` (with `token`, or any token when `None`) and
-/// publishes the release (script `RELEASE`). Returns whether it was ours.
+/// publishes the release if someone waits (script `RELEASE`). Returns whether it was
+/// ours.
 ///
 /// # Errors
 /// The command's failure.
@@ -361,6 +401,7 @@ pub async fn release(
 ) -> RedisResult<bool> {
     let deleted: i64 = RELEASE
         .key(keys.lock(name))
+        .key(keys.waiters(name))
         .arg(owner.as_str())
         .arg(token.map_or_else(String::new, |t| t.0.to_string()))
         .arg(keys.channel())
@@ -470,9 +511,11 @@ mod tests {
         let keys = KeySpace::new("p:");
         assert_eq!(keys.lock("a"), "p:lock:a");
         assert_eq!(keys.token("a"), "p:token:a");
+        assert_eq!(keys.waiters("a"), "p:waiters:a");
         assert_eq!(keys.channel(), "p:released");
         // A name that looks like another namespace stays in its own.
         assert_ne!(keys.lock("token:a"), keys.token("a"));
+        assert_ne!(keys.lock("waiters:a"), keys.waiters("a"));
         assert!(
             keys.lock("x").starts_with("p:lock:") && keys.token("lock:x").starts_with("p:token:")
         );

@@ -73,6 +73,30 @@ async fn bounded<F: std::future::Future>(fut: F) -> F::Output {
         .expect("the test finished within its bound")
 }
 
+/// The `set` and `del` keyspace events of one key, up to the first `del` (others, such
+/// as `expire`, skipped), each awaited at most 5 s; bounded to 10 events.
+async fn set_then_del(events: &mut redis::aio::PubSubStream) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let Ok(Some(event)) = timeout(
+            Duration::from_secs(5),
+            futures_util::StreamExt::next(events),
+        )
+        .await
+        else {
+            break;
+        };
+        let kind = String::from_utf8_lossy(event.get_payload_bytes()).into_owned();
+        if kind == "set" || kind == "del" {
+            seen.push(kind.clone());
+        }
+        if kind == "del" {
+            break;
+        }
+    }
+    seen
+}
+
 /// Tokens keep rising after a restart without persistence that lost every key (the
 /// counter is re-seeded from the server clock), and a holder learns its lock is gone
 /// at its next renewal, long before its TTL.
@@ -458,18 +482,24 @@ async fn an_unseen_grant_is_released_by_owner() {
             .await
             .expect("connect");
         let observer = RedisBackend::open(&server.url()).await.expect("connect");
-        // A release publishes only when it deleted the owner's grant: hearing one proves
-        // the grant was made and then undone.
-        let mut releases = redis::Client::open(server.url())
+        // The server's keyspace events for the lock key: a `set` then a `del` prove the
+        // grant was made and then undone.
+        let mut admin = operator(&server.url()).await;
+        let _: () = run(
+            &mut admin,
+            &["CONFIG", "SET", "notify-keyspace-events", "Kg$"],
+        )
+        .await;
+        let mut events = redis::Client::open(server.url())
             .expect("client")
             .get_async_pubsub()
             .await
             .expect("pub/sub");
-        releases
-            .subscribe("fencelock:released")
+        events
+            .subscribe("__keyspace@0__:fencelock:lock:ghost")
             .await
             .expect("subscribe");
-        let mut releases = releases.into_on_message();
+        let mut events = events.into_on_message();
         let lock = name("ghost");
         // Scripts loaded first: a NOSCRIPT reply that never arrives would stop the script.
         let warm_up = client
@@ -477,25 +507,22 @@ async fn an_unseen_grant_is_released_by_owner() {
             .await
             .expect("acquire");
         client.release(&warm_up).await.expect("release");
-        let _ = timeout(
-            Duration::from_secs(1),
-            futures_util::StreamExt::next(&mut releases),
-        )
-        .await;
+        assert_eq!(
+            set_then_del(&mut events).await,
+            ["set", "del"],
+            "the warm-up's key events"
+        );
         proxy.set(Fault::DropReplies);
         let err = client
             .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
             .await
             .expect_err("no reply arrives");
         assert!(err.is_temporary(), "a timeout is temporary: {err:?}");
-        let released = timeout(
-            Duration::from_secs(5),
-            futures_util::StreamExt::next(&mut releases),
-        )
-        .await
-        .expect("the unseen grant is released within 5s of a 60s TTL")
-        .expect("a message");
-        assert_eq!(released.get_payload_bytes(), b"ghost");
+        assert_eq!(
+            set_then_del(&mut events).await,
+            ["set", "del"],
+            "the unseen grant is made and released (within 5 s of a 60 s TTL)"
+        );
         assert_eq!(
             observer.inspect(&lock).await.expect("inspect"),
             None,
@@ -661,6 +688,41 @@ async fn a_release_published_while_the_waiter_was_cut_off_still_reaches_it() {
             .expect("granted after reconnecting, long before the holder's hour");
         assert!(lease.token() > held.token());
         waiter.release(&lease).await.expect("release");
+    })
+    .await;
+}
+
+/// A release publishes only if someone waits: an uncontended cycle publishes nothing,
+/// and a release after another client's failed attempt publishes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_release_someone_waits_for_publishes() {
+    bounded(async {
+        let server = server().await;
+        let mut admin = operator(&server.url()).await;
+        let holder = RedisBackend::open(&server.url()).await.expect("connect");
+        let other = RedisBackend::open(&server.url()).await.expect("connect");
+        let lock = name("publish-on-demand");
+        let take = || request(&lock, Duration::from_secs(60), WaitPolicy::NoWait);
+        let publishes = |calls: HashMap<String, u64>| calls.get("publish").copied().unwrap_or(0);
+        let before = publishes(command_calls(&mut admin).await);
+        for _ in 0..5 {
+            let lease = holder.acquire(take()).await.expect("free");
+            holder.release(&lease).await.expect("release");
+        }
+        assert_eq!(
+            publishes(command_calls(&mut admin).await),
+            before,
+            "uncontended releases published"
+        );
+        let lease = holder.acquire(take()).await.expect("free");
+        let err = other.acquire(take()).await.expect_err("held");
+        assert!(matches!(err, Error::Contended { .. }), "{err:?}");
+        holder.release(&lease).await.expect("release");
+        assert_eq!(
+            publishes(command_calls(&mut admin).await),
+            before + 1,
+            "the release someone waited for"
+        );
     })
     .await;
 }
