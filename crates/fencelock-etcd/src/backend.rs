@@ -16,7 +16,7 @@ use fencelock_core::{
 };
 use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::EtcdConfig;
 use crate::session::Session;
@@ -29,8 +29,17 @@ const MAX_TXN_OPS: usize = 128;
 const MAX_SESSIONS_PER_ACQUIRE: usize = 3;
 /// Wake-ups of one waiter before it gives up; each needs a deletion in its queue.
 const MAX_WAKES: usize = 100_000;
-/// How long a background delete of an abandoned key may take.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request to etcd may go unanswered before it is abandoned (and
+/// retried): a request to a member that died or froze may otherwise hang, and a
+/// member without a leader holds proposals for up to its own request timeout (7 s with
+/// the default election timeout).
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Tries of one request before its error is returned.
+const REQUEST_TRIES: usize = 5;
+/// The first pause between tries; it doubles up to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// The longest pause between tries, and between two tries of the reaper.
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// A [`LockBackend`] on an etcd v3 cluster.
 ///
@@ -53,8 +62,6 @@ pub struct EtcdBackend {
 struct Inner {
     client: Client,
     config: EtcdConfig,
-    /// The current session, if one was started; replaced once it is lost.
-    session: Mutex<Option<Arc<Session>>>,
     /// Serializes starting a session, so one backend has one at a time.
     starting: tokio::sync::Mutex<()>,
     grants: Arc<Grants>,
@@ -82,6 +89,8 @@ impl fmt::Debug for EtcdBackend {
 struct Grants {
     by_key: Mutex<HashMap<String, Grant>>,
     wake: Notify,
+    /// The current session, if one was started; replaced once it is lost.
+    session: Mutex<Option<Arc<Session>>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -102,13 +111,19 @@ impl Grants {
         self.by_key.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The live session, if any.
+    fn live_session(&self) -> Option<Arc<Session>> {
+        let current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|s| s.deadline().is_some()).cloned()
+    }
+
     /// Takes the keys due for deletion at `now`, and the next instant one falls due.
-    fn due(&self, now: Instant) -> (Vec<(String, i64)>, Option<Instant>) {
+    fn due(&self, now: Instant) -> (Vec<(String, Grant)>, Option<Instant>) {
         let mut by_key = self.lock();
         let mut due = Vec::new();
         by_key.retain(|key, grant| match grant.reap_at {
             Some(at) if at <= now => {
-                due.push((key.clone(), grant.token));
+                due.push((key.clone(), *grant));
                 match grant.again_after.take() {
                     Some(later) => {
                         grant.reap_at = Some(now + later);
@@ -132,17 +147,37 @@ impl Grants {
     }
 }
 
-/// Deletes keys whose grant ran out or whose acquisition was abandoned.
+/// Deletes keys whose grant ran out or whose acquisition was abandoned. A deletion
+/// that fails is tried again while the key's session lives: a key left behind would
+/// block its lock until the session ends, which a live session never does.
 async fn reap(client: Client, grants: Arc<Grants>) {
     loop {
         let (due, next) = grants.due(Instant::now());
-        for (key, token) in due {
-            let deleted = timeout(REAP_TIMEOUT, delete_own_key(&client, &key, token)).await;
-            if !matches!(deleted, Ok(Ok(_))) {
-                // The session lease's expiry frees the key if etcd stays unreachable.
-                tracing::debug!(key, "etcd: could not delete an expired or abandoned key");
+        for (key, grant) in due {
+            if delete_own_key(&client, &key, grant.token).await.is_ok() {
+                continue;
             }
+            let live = grants.live_session().map(|s| s.id());
+            if live != Some(grant.session) {
+                // The session is gone or going: its lease takes the key with it.
+                continue;
+            }
+            tracing::debug!(
+                key,
+                "etcd: could not delete an expired or abandoned key yet"
+            );
+            grants.lock().entry(key).or_insert(Grant {
+                reap_at: Some(Instant::now() + MAX_RETRY_PAUSE),
+                again_after: None,
+                ..grant
+            });
         }
+        let next = grants
+            .lock()
+            .values()
+            .filter_map(|g| g.reap_at)
+            .min()
+            .or(next);
         let far = Instant::now() + Duration::from_secs(3600);
         tokio::select! {
             () = grants.wake.notified() => {}
@@ -153,23 +188,74 @@ async fn reap(client: Client, grants: Arc<Grants>) {
 
 /// Deletes `key` if it still has create revision `token` (any revision when `token`
 /// is 0: the key is unique to one acquisition). Returns whether it was deleted.
+///
+/// A try that etcd may have applied without answering is retried: the retry then
+/// finds the key gone and reports `false`.
 async fn delete_own_key(client: &Client, key: &str, token: i64) -> Result<bool> {
-    let mut kv = client.kv_client();
     if token == 0 {
-        let deleted = kv
-            .delete(key, None)
-            .await
-            .map_err(|err| etcd_error("delete an abandoned key", err))?;
+        let deleted = call("delete an abandoned key", || {
+            let mut kv = client.kv_client();
+            async move { kv.delete(key, None).await }
+        })
+        .await?;
         return Ok(deleted.deleted() > 0);
     }
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, token)])
         .and_then([TxnOp::delete(key, None)]);
-    let done = kv
-        .txn(txn)
-        .await
-        .map_err(|err| etcd_error("delete a lock key", err))?;
+    let done = call("delete a lock key", || {
+        let (mut kv, txn) = (client.kv_client(), txn.clone());
+        async move { kv.txn(txn).await }
+    })
+    .await?;
     Ok(done.succeeded())
+}
+
+/// Whether a failed request may succeed if sent again, maybe to another member: the
+/// member was unreachable, had no leader, lost it, or timed out.
+fn retryable(err: &etcd_client::Error) -> bool {
+    // gRPC codes: 2 Unknown, 4 DeadlineExceeded, 10 Aborted, 14 Unavailable (etcd's
+    // "leader changed", "no leader", "request timed out", and connection failures).
+    match err {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(i32::from(status.code()), 2 | 4 | 10 | 14)
+        }
+        _ => false,
+    }
+}
+
+/// Sends a request made by `request`, each try bounded by [`REQUEST_TIMEOUT`], and
+/// tries again (up to [`REQUEST_TRIES`] in all, with a growing pause) when the try
+/// timed out or failed [temporarily](retryable). The client balances requests over
+/// every endpoint, so a retry usually reaches a live member. Only for requests that
+/// are safe to repeat, or whose repetition the caller recognises.
+pub(crate) async fn call<T, F, Fut>(what: &str, mut request: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let mut pause = FIRST_RETRY_PAUSE;
+    let mut last = None;
+    for _ in 0..REQUEST_TRIES {
+        match timeout(REQUEST_TIMEOUT, request()).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(err)) if retryable(&err) => last = Some(etcd_error(what, err)),
+            Ok(Err(err)) => return Err(etcd_error(what, err)),
+            Err(_) => {
+                last = Some(Error::backend(
+                    STORE,
+                    what.to_owned(),
+                    true,
+                    format!("no answer within {REQUEST_TIMEOUT:?}"),
+                ));
+            }
+        }
+        tracing::debug!(what, error = ?last, "etcd request failed; retrying");
+        sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
+    }
+    Err(last.unwrap_or_else(|| Error::backend(STORE, what.to_owned(), true, "no try made")))
 }
 
 /// An acquisition's key until it is granted: dropped before that, it schedules the
@@ -307,7 +393,6 @@ impl EtcdBackend {
             inner: Arc::new(Inner {
                 client,
                 config,
-                session: Mutex::new(None),
                 starting: tokio::sync::Mutex::new(()),
                 grants,
                 events,
@@ -347,8 +432,7 @@ impl EtcdBackend {
     }
 
     fn live_session(&self) -> Option<Arc<Session>> {
-        let current = self.inner.session.lock().unwrap_or_else(|p| p.into_inner());
-        current.as_ref().filter(|s| s.deadline().is_some()).cloned()
+        self.inner.grants.live_session()
     }
 
     /// The live session, starting a new one if there is none.
@@ -368,19 +452,22 @@ impl EtcdBackend {
             )
             .await?,
         );
-        *self.inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&session));
+        *self
+            .inner
+            .grants
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&session));
         Ok(session)
     }
 
     /// Reads the queue of `dir`: its keys in create order, and the read's revision.
     async fn read_queue(&self, dir: &str) -> Result<(Vec<KeyValue>, i64)> {
-        let got = self
-            .inner
-            .client
-            .kv_client()
-            .get(dir, Some(queue_options().with_keys_only()))
-            .await
-            .map_err(|err| etcd_error("read a lock's queue", err))?;
+        let got = call("read a lock's queue", || {
+            let mut kv = self.inner.client.kv_client();
+            async move { kv.get(dir, Some(queue_options().with_keys_only())).await }
+        })
+        .await?;
         let rev = revision(got.header());
         Ok((queue(dir, got.kvs()).into_iter().cloned().collect(), rev))
     }
@@ -406,26 +493,53 @@ impl EtcdBackend {
                 TxnOp::get(dir.as_str(), Some(queue_options().with_keys_only())),
             ])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let put = match self.inner.client.kv_client().txn(txn).await {
+        // A try that etcd applied without answering is recognised on the next try:
+        // the key then exists on our session lease, and we carry on with it.
+        let put = match call(&format!("acquire `{}`", req.name), || {
+            let (mut kv, txn) = (self.inner.client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+        {
             Ok(put) => put,
-            Err(err) => {
-                return Attempt::Done(Err(etcd_error(&format!("acquire `{}`", req.name), err)));
+            Err(err) => return Attempt::Done(Err(err)),
+        };
+        let (mine, keys) = if put.succeeded() {
+            let mine = revision(put.header());
+            let keys = match put.op_responses().into_iter().nth(1) {
+                Some(TxnOpResponse::Get(got)) => {
+                    queue(&dir, got.kvs()).into_iter().cloned().collect()
+                }
+                _ => Vec::new(),
+            };
+            (mine, keys)
+        } else {
+            let ours = match put.op_responses().into_iter().next() {
+                Some(TxnOpResponse::Get(got)) => got
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.lease() == session.id())
+                    .map(KeyValue::create_revision),
+                _ => None,
+            };
+            let Some(mine) = ours else {
+                return Attempt::Done(Err(Error::backend(
+                    STORE,
+                    format!("acquire `{}`", req.name),
+                    false,
+                    format!("the key {key} already existed; owner ids must be unique"),
+                )));
+            };
+            match self.read_queue(&dir).await {
+                Ok((keys, _)) => (mine, keys),
+                Err(err) => {
+                    pending.set_token(mine);
+                    return Attempt::Done(Err(err));
+                }
             }
         };
-        if !put.succeeded() {
-            return Attempt::Done(Err(Error::backend(
-                STORE,
-                format!("acquire `{}`", req.name),
-                false,
-                format!("the key {key} already existed; owner ids must be unique"),
-            )));
-        }
-        let mine = revision(put.header());
         pending.set_token(mine);
-        let mut keys = match put.op_responses().into_iter().nth(1) {
-            Some(TxnOpResponse::Get(got)) => queue(&dir, got.kvs()).into_iter().cloned().collect(),
-            _ => Vec::new(),
-        };
+        let mut keys = keys;
         let mut read_at = mine;
         for _ in 0..MAX_WAKES {
             // Our key must still be there (the Jepsen check: a waiter whose session
@@ -508,11 +622,11 @@ async fn watch_deletion(client: &Client, key: Vec<u8>, from: i64) -> Result<()> 
     let options = WatchOptions::new()
         .with_start_revision(from)
         .with_filters([WatchFilterType::NoPut]);
-    let mut stream: WatchStream = client
-        .watch_client()
-        .watch(key, Some(options))
-        .await
-        .map_err(|err| etcd_error("watch the key before ours", err))?;
+    let mut stream: WatchStream = call("watch the key before ours", || {
+        let (mut watch, key, options) = (client.watch_client(), key.clone(), options.clone());
+        async move { watch.watch(key, Some(options)).await }
+    })
+    .await?;
     // Bounded: each message is either the creation notice, a progress notice or the end.
     for _ in 0..MAX_WAKES {
         match stream.message().await {
@@ -606,16 +720,15 @@ impl LockBackend for EtcdBackend {
                     TxnOp::get(key, Some(GetOptions::new().with_keys_only()))
                 })
                 .collect();
-            let answer = self
-                .inner
-                .client
-                .kv_client()
-                .txn(Txn::new().and_then(reads))
-                .await;
+            let txn = Txn::new().and_then(reads);
+            let answer = call("confirm held lock keys", || {
+                let (mut kv, txn) = (self.inner.client.kv_client(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await;
             let answer = match answer {
                 Ok(answer) => answer.op_responses(),
                 Err(err) => {
-                    let err = etcd_error("confirm held lock keys", err);
                     let text = err.to_string();
                     for &i in chunk {
                         results[i] = Some(Err(Error::backend(STORE, "renew", true, text.clone())));
@@ -683,13 +796,12 @@ impl LockBackend for EtcdBackend {
 
     async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
         let dir = self.key_dir(name);
-        let got = self
-            .inner
-            .client
-            .kv_client()
-            .get(dir.as_str(), Some(queue_options()))
-            .await
-            .map_err(|err| etcd_error(&format!("inspect `{name}`"), err))?;
+        let got = call(&format!("inspect `{name}`"), || {
+            let mut kv = self.inner.client.kv_client();
+            let dir = dir.as_str();
+            async move { kv.get(dir, Some(queue_options())).await }
+        })
+        .await?;
         let keys = queue(&dir, got.kvs());
         Ok(keys.first().map(|kv| {
             // Keys from `etcdctl lock` or Go's Mutex have an empty value: show the key.
@@ -703,5 +815,57 @@ impl LockBackend for EtcdBackend {
                 remaining: None,
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn unreachable_member() -> etcd_client::Error {
+        etcd_client::Error::IoError(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    }
+
+    #[tokio::test]
+    async fn temporary_failures_are_retried_a_bounded_number_of_times() {
+        let tries = AtomicUsize::new(0);
+        let err = call("probe", || {
+            tries.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(unreachable_member()) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(tries.load(Ordering::SeqCst), REQUEST_TRIES);
+        assert!(err.is_temporary(), "{err}");
+
+        let tries = AtomicUsize::new(0);
+        let answer = call("probe", || {
+            let n = tries.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(unreachable_member())
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, 2, "the third try's answer");
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_are_not_retried() {
+        let tries = AtomicUsize::new(0);
+        let err = call("probe", || {
+            tries.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(etcd_client::Error::InvalidArgs("bad".into())) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+        assert!(!err.is_temporary(), "{err}");
     }
 }

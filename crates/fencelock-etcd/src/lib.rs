@@ -38,6 +38,13 @@
 //!   expires, i.e. up to [`EtcdConfig::session_ttl`]. The fencing token is what makes
 //!   a paused holder's late writes refusable.
 //! - Renewals cost no writes: a local check plus one read per 128 held locks.
+//! - Every request has a deadline (3 s) and is retried, up to 5 tries, when it timed
+//!   out or failed temporarily (member unreachable, no leader, leader changed); the
+//!   client spreads requests over every endpoint, so a retry usually reaches a live
+//!   member. A put that etcd applied without answering is recognised on the retry, and
+//!   a key whose deletion failed is deleted again while its session lives. The
+//!   keep-alive stream is re-opened when a keep-alive goes unanswered for a third of
+//!   the session TTL.
 //! - Names that are prefixes of others at a `/` (`a` and `a/b`) are kept apart by this
 //!   driver, but `etcdctl lock a` would queue behind holders of `a/b`.
 //! - Plain HTTP only: TLS is not supported yet.

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
-use crate::backend::{STORE, etcd_error};
+use crate::backend::{REQUEST_TIMEOUT, STORE, call};
 
 /// What a session knows about its lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,12 +40,13 @@ impl Session {
         ttl_secs: i64,
         events: broadcast::Sender<StoreEvent>,
     ) -> fencelock_core::Result<Self> {
-        let mut lease = client.lease_client();
         let sent = Instant::now();
-        let granted = lease
-            .grant(ttl_secs, None)
-            .await
-            .map_err(|err| etcd_error("grant the session lease", err))?;
+        // A retried grant may leave an unused lease behind; it expires after its TTL.
+        let granted = call("grant the session lease", || {
+            let mut lease = client.lease_client();
+            async move { lease.grant(ttl_secs, None).await }
+        })
+        .await?;
         let ttl = secs(granted.ttl());
         let (state_tx, state) = watch::channel(SessionState::Alive {
             deadline: valid_until(sent, ttl),
@@ -116,10 +117,14 @@ fn secs(ttl: i64) -> Duration {
     Duration::from_secs(u64::try_from(ttl).unwrap_or(0))
 }
 
-/// Sends a keep-alive every third of the TTL on one stream, re-opening the stream if
-/// it ends. Each acknowledged keep-alive moves the deadline to `sent + ttl - drift`,
-/// `sent` being when that keep-alive was sent. Ends, reporting the loss, when etcd
-/// answers TTL 0 (expired or revoked) or the deadline passes without an answer.
+/// Sends a keep-alive every third of the TTL on one stream. Each acknowledged
+/// keep-alive moves the deadline to `sent + ttl - drift`, `sent` being when that
+/// keep-alive was sent. A stream that fails, ends, or leaves a keep-alive unanswered
+/// for a third of the TTL (at most [`REQUEST_TIMEOUT`]) is dropped and a new one
+/// opened, which the client may route to another member: a stream to a member that
+/// died or lost its leader must not run the session into its deadline. Ends, reporting
+/// the loss, when etcd answers TTL 0 (expired or revoked) or the deadline passes
+/// without an answer.
 async fn keep_alive(
     client: Client,
     id: i64,
@@ -129,32 +134,42 @@ async fn keep_alive(
     events: broadcast::Sender<StoreEvent>,
 ) {
     let every = (ttl / 3).max(Duration::from_millis(100));
+    let patience = every.min(REQUEST_TIMEOUT);
     let retry = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
     let mut next = Instant::now() + every;
-    // Bounded: each pass either moves the deadline forward or runs into it.
+    // Bounded: each pass either moves the deadline forward, or waits at least `retry`
+    // (or `patience`) on the way to it.
     let why = loop {
         sleep_until(next.min(deadline)).await;
         if Instant::now() >= deadline {
             break "no keep-alive was acknowledged before the lease's deadline";
         }
         if stream.is_none() {
-            let opened = timeout_at(deadline, client.lease_client().keep_alive(id)).await;
+            let give_up = (Instant::now() + patience).min(deadline);
+            let opened = timeout_at(give_up, client.lease_client().keep_alive(id)).await;
             match opened {
                 Ok(Ok(pair)) => stream = Some(pair),
+                Ok(Err(err)) if lease_not_found(&err) => {
+                    break "etcd says the lease expired or was revoked";
+                }
                 Ok(Err(err)) => {
                     tracing::debug!(lease = id, %err, "etcd keep-alive stream not opened");
                     next = Instant::now() + retry;
                     continue;
                 }
-                Err(_) => break "the keep-alive stream could not be opened before the deadline",
+                Err(_) => {
+                    tracing::debug!(lease = id, "etcd keep-alive stream not opened in time");
+                    next = Instant::now() + retry;
+                    continue;
+                }
             }
         }
         let Some((keeper, replies)) = stream.as_mut() else {
             continue;
         };
         let sent = Instant::now();
-        let answer = timeout_at(deadline, async {
+        let answer = timeout_at((sent + patience).min(deadline), async {
             keeper.keep_alive().await?;
             replies.message().await
         })
@@ -166,11 +181,14 @@ async fn keep_alive(
                 next = sent + every;
             }
             Ok(Ok(Some(_))) => break "etcd says the lease expired or was revoked",
-            Ok(Ok(None)) | Ok(Err(_)) => {
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                tracing::debug!(
+                    lease = id,
+                    "etcd keep-alive unanswered; re-opening the stream"
+                );
                 stream = None;
                 next = Instant::now() + retry;
             }
-            Err(_) => break "no keep-alive was acknowledged before the lease's deadline",
         }
     };
     tracing::warn!(store = STORE, lease = id, reason = why, "etcd session lost");
@@ -180,4 +198,13 @@ async fn keep_alive(
     });
     // If the lease still stands somewhere (we only lost contact), free its keys.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_client().revoke(id)).await;
+}
+
+/// Whether opening a keep-alive stream failed because the lease no longer exists.
+fn lease_not_found(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::LeaseKeepAliveError(text) => text.contains("not found"),
+        etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
+        _ => false,
+    }
 }
