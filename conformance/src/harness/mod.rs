@@ -23,6 +23,7 @@
 
 mod etcd;
 mod mariadb;
+mod pgbouncer;
 mod postgres;
 mod process;
 mod redis;
@@ -34,6 +35,7 @@ use std::net::SocketAddr;
 
 pub use etcd::{EtcdCluster, EtcdServer};
 pub use mariadb::MariaDb;
+pub use pgbouncer::PgBouncer;
 pub use postgres::Postgres;
 pub use process::ServerProcess;
 pub use redis::{RedisPersistence, RedisServer, RedisTlsFiles, TlsClients};

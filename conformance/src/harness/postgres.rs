@@ -9,17 +9,23 @@ use tempfile::TempDir;
 use super::process::{
     Launch, RunAs, ServerProcess, find_binary, on_free_ports, succeeds, temp_dir, wipe,
 };
-use super::{Result, Server};
+use super::{HarnessError, Result, Server};
 
 const INITDB_WITHIN: Duration = Duration::from_secs(60);
 const READY_WITHIN: Duration = Duration::from_secs(30);
+/// What a new server logs when the killed one's backends still hold its shared memory.
+const SHARED_MEMORY_IN_USE: &str = "pre-existing shared memory block";
+/// Restarts tried while that lasts, and the pause between them.
+const RESTART_ATTEMPTS: u32 = 25;
+const RESTART_PAUSE: Duration = Duration::from_millis(200);
 
 /// A `postgres` on `127.0.0.1` with `trust` auth for user `postgres`, stopped on drop.
 ///
 /// Runs as the `postgres` system user when we are root (Postgres refuses root).
 /// `initdb -U postgres -A trust -E UTF8 --locale=C --no-sync`, then `postgres -D
 /// <tmp>/data -p P -h 127.0.0.1 -k <tmp> -c fsync=off -c full_page_writes=off -c
-/// shared_buffers=32MB -c max_connections=200 -c dynamic_shared_memory_type=mmap`:
+/// shared_buffers=32MB -c max_connections=200 -c dynamic_shared_memory_type=mmap -c
+/// shared_preload_libraries=pg_stat_statements`:
 /// commits survive a killed server, not a lost machine. A restart stops it with
 /// SIGINT (fast shutdown); drop sends SIGQUIT first so it frees its shared memory.
 #[derive(Debug)]
@@ -88,9 +94,25 @@ impl Server for Postgres {
             self.initdb.run_once(INITDB_WITHIN).await?;
         }
         let (ready, port) = (&self.ready, self.process.port());
-        self.process
-            .start_again(READY_WITHIN, || answers(ready, port))
-            .await
+        let mut attempt = 1;
+        loop {
+            match self
+                .process
+                .start_again(READY_WITHIN, || answers(ready, port))
+                .await
+            {
+                // Backends of a server killed with SIGKILL may not have exited yet
+                // (the kernel ends them after the postmaster was reaped): their shared
+                // memory is still attached, and the new server refuses to start.
+                Err(HarnessError::Start { log_tail, .. })
+                    if log_tail.contains(SHARED_MEMORY_IN_USE) && attempt < RESTART_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(RESTART_PAUSE).await;
+                }
+                result => return result,
+            }
+        }
     }
 }
 
@@ -112,6 +134,9 @@ fn launch(program: &Path, dir: &Path, data: &Path, port: u16, run_as: Option<Run
         "max_connections=200",
         // In the data dir, not /dev/shm: nothing outlives a killed server.
         "dynamic_shared_memory_type=mmap",
+        // Statement counts per role for tests (`CREATE EXTENSION pg_stat_statements`
+        // to read them); contrib ships with Debian's server package.
+        "shared_preload_libraries=pg_stat_statements",
     ];
     let mut launch = Launch::new(format!("postgres on 127.0.0.1:{port}"), program, dir)
         .arg("-D")
@@ -127,7 +152,7 @@ fn launch(program: &Path, dir: &Path, data: &Path, port: u16, run_as: Option<Run
         .drop_with(Signal::SIGQUIT)
 }
 
-async fn answers(pg_isready: &Path, port: u16) -> bool {
+pub(super) async fn answers(pg_isready: &Path, port: u16) -> bool {
     let port = port.to_string();
     let args = [
         "-q",

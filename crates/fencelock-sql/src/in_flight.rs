@@ -86,3 +86,55 @@ impl<B: UndoAcquire> Drop for InFlight<'_, B> {
         });
     }
 }
+
+/// The longest a dropped session-mode wait's cleanup may block its dropper.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+const END_WAIT_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `end`, which ends the server session of a dropped session-mode wait, before
+/// returning where possible: on a multi-threaded tokio runtime the dropping thread
+/// blocks (at most 5 s) until it is done, so the dropped waiter's place in the
+/// server's queue is gone before the code that dropped it goes on (a release right
+/// after must not grant the lock to nobody). On a current-thread runtime it can only
+/// be spawned; outside a runtime it cannot run at all (the closed socket then ends
+/// the session once the server writes to it).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) fn end_dropped_wait<F>(store: &'static str, end: F)
+where
+    F: Future<Output = Result<(), sqlx::Error>> + Send + 'static,
+{
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let Ok(runtime) = Handle::try_current() else {
+        return;
+    };
+    let bounded = async move {
+        match tokio::time::timeout(END_WAIT_WITHIN, end).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(
+                store,
+                %err,
+                "could not end the server session of a cancelled lock wait; the server \
+                 ends it when it next writes to the closed connection"
+            ),
+            Err(_) => tracing::warn!(
+                store,
+                "ending the server session of a cancelled lock wait took over {END_WAIT_WITHIN:?}"
+            ),
+        }
+    };
+    if runtime.runtime_flavor() == RuntimeFlavor::MultiThread {
+        // A runtime that is shutting down (dropping its tasks, this wait among them)
+        // panics at the first timer or connection: then the closed socket has to do.
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokio::task::block_in_place(|| runtime.block_on(bounded));
+        }));
+        if ended.is_err() {
+            tracing::debug!(
+                store,
+                "no cleanup of a cancelled lock wait: runtime shutting down"
+            );
+        }
+    } else {
+        runtime.spawn(bounded);
+    }
+}

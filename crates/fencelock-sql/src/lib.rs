@@ -47,6 +47,8 @@ mod mysql;
 mod postgres;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod server_config;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod session_table;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]

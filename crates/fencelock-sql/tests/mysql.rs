@@ -575,3 +575,239 @@ async fn a_holder_cut_off_by_the_proxy_is_told_lost_and_fenced_after_a_takeover(
     })
     .await;
 }
+
+/// A session-mode backend whose waiters would poll only once an hour, if they polled.
+async fn open_session_never_polling(server: &MariaDb) -> MySqlBackend {
+    let url = format!("{}?mode=session", server.url());
+    let mut config = MySqlConfig::from_url(&url).unwrap();
+    config.poll_min = HOUR;
+    config.poll_max = HOUR;
+    MySqlBackend::connect(config).await.unwrap()
+}
+
+/// The server sessions running a `GET_LOCK` now: `(id, state, seconds in the
+/// statement)`.
+async fn get_lock_waits(operator: &MySqlBackend) -> Vec<(i64, String, i64)> {
+    sqlx::query_as(
+        "SELECT CAST(ID AS SIGNED), COALESCE(STATE, ''), CAST(TIME AS SIGNED)
+         FROM information_schema.PROCESSLIST
+         WHERE COMMAND IN ('Query', 'Execute') AND INFO LIKE 'SELECT GET_LOCK(%'",
+    )
+    .fetch_all(operator.pool())
+    .await
+    .unwrap()
+}
+
+/// The one server session waiting in `GET_LOCK`, once it shows up (checked every
+/// 20 ms, at most 1,000 times).
+async fn get_lock_waiter(operator: &MySqlBackend) -> (i64, String) {
+    for _ in 0..1000 {
+        let waits = get_lock_waits(operator).await;
+        assert!(waits.len() <= 1, "one waiter, one wait: {waits:?}");
+        if let Some((id, state, _)) = waits.into_iter().next() {
+            return (id, state);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no server session waited in GET_LOCK");
+}
+
+/// The server session holding the named lock of `key`, per `IS_USED_LOCK`.
+async fn named_lock_holder(operator: &MySqlBackend, key: &str) -> Option<i64> {
+    let statement = format!(
+        "SELECT CAST(IS_USED_LOCK(CONCAT('fencelock:', LEFT(SHA2(CONCAT(DATABASE(), '/', \
+         '{}', '/', ?), 256), 54))) AS SIGNED)",
+        operator.table()
+    );
+    sqlx::query_scalar(&statement)
+        .bind(key.as_bytes())
+        .fetch_one(operator.pool())
+        .await
+        .unwrap()
+}
+
+async fn session_exists(operator: &MySqlBackend, id: i64) -> bool {
+    let count: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?")
+            .bind(id)
+            .fetch_one(operator.pool())
+            .await
+            .unwrap();
+    count > 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_waiter_waits_in_get_lock_and_is_granted_on_release() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        assert_eq!(waiter.capabilities().wait, WaitKind::Notify);
+        let operator = open(&server).await;
+        let held = holder.acquire(request("queued", MINUTE)).await.unwrap();
+        let holder_id = named_lock_holder(&operator, "queued").await.unwrap();
+        let waiting = tokio::spawn(async move {
+            let lease = waiter
+                .acquire(request("queued", MINUTE).with_wait(WaitPolicy::Forever))
+                .await;
+            (waiter, lease)
+        });
+        // The waiter is one server session inside one GET_LOCK, in the server's
+        // user-lock wait; still the same one later: it does not retry.
+        let (id, state) = get_lock_waiter(&operator).await;
+        assert!(state.to_lowercase().contains("lock"), "{state}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(get_lock_waiter(&operator).await.0, id);
+        assert_eq!(
+            named_lock_holder(&operator, "queued").await,
+            Some(holder_id)
+        );
+        // Its poll is an hour away: the release itself lets the server grant it, to
+        // that very session.
+        holder.release(&held).await.unwrap();
+        let (waiter, lease) = waiting.await.unwrap();
+        let lease = lease.unwrap();
+        assert!(lease.token() > held.token());
+        assert_eq!(named_lock_holder(&operator, "queued").await, Some(id));
+        waiter.release(&lease).await.unwrap();
+        assert_eq!(named_lock_holder(&operator, "queued").await, None);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_cancelled_get_lock_wait_is_killed_and_never_takes_the_lock() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("cancel", MINUTE)).await.unwrap();
+        let holder_id = named_lock_holder(&operator, "cancel").await.unwrap();
+        let waiting = tokio::spawn(async move {
+            waiter
+                .acquire(request("cancel", MINUTE).with_wait(WaitPolicy::Forever))
+                .await
+        });
+        let (id, _) = get_lock_waiter(&operator).await;
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        // The cancelled acquire's server session is ended (bounded: 1,000 × 20 ms).
+        let mut gone = false;
+        for _ in 0..1000 {
+            if !session_exists(&operator, id).await {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone, "the cancelled waiter's session {id} still exists");
+        assert!(get_lock_waits(&operator).await.is_empty());
+        assert_eq!(
+            named_lock_holder(&operator, "cancel").await,
+            Some(holder_id)
+        );
+        holder.release(&held).await.unwrap();
+        assert_eq!(named_lock_holder(&operator, "cancel").await, None);
+        let other = open_session_never_polling(&server).await;
+        let next = other.acquire(request("cancel", MINUTE)).await.unwrap();
+        assert!(next.token() > held.token());
+        other.release(&next).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_wait_deadline_is_get_locks_timeout() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("deadline", MINUTE)).await.unwrap();
+        let holder_id = named_lock_holder(&operator, "deadline").await.unwrap();
+        let wait = Duration::from_millis(300);
+        let start = Instant::now();
+        let result = waiter
+            .acquire(request("deadline", MINUTE).with_wait(WaitPolicy::Until(wait)))
+            .await;
+        assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+        assert!(start.elapsed() >= wait);
+        // The timed-out GET_LOCK took nothing; its server thread may still list the
+        // finished statement for a moment after the reply (bounded: 1,000 × 20 ms).
+        assert_eq!(
+            named_lock_holder(&operator, "deadline").await,
+            Some(holder_id)
+        );
+        let mut left = get_lock_waits(&operator).await;
+        for _ in 0..1000 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            left = get_lock_waits(&operator).await;
+        }
+        assert!(left.is_empty(), "GET_LOCK still running: {left:?}");
+        holder.release(&held).await.unwrap();
+        let next = waiter.acquire(request("deadline", MINUTE)).await.unwrap();
+        assert!(next.token() > held.token());
+    })
+    .await;
+}
+
+/// The server's `Questions` (statements clients sent: each execution of a prepared
+/// statement counts; `COM_PING` and prepares do not) and `Connections` (connections
+/// opened, each of which sqlx starts with one `SET`) counters. The `SHOW` that reads
+/// them counts itself as one question.
+async fn counters(probe: &mut sqlx::MySqlConnection) -> (i64, i64) {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions', 'Connections')")
+            .fetch_all(probe)
+            .await
+            .unwrap();
+    let value = |name: &str| -> i64 {
+        let (_, value) = rows.iter().find(|(n, _)| n == name).unwrap();
+        value.parse().unwrap()
+    };
+    (value("Questions"), value("Connections"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_acquire_and_release_are_exactly_two_statements() {
+    use sqlx::Connection;
+    bounded(async {
+        let server = server().await;
+        // One pooled connection: the client never opens another one (whose setup
+        // `SET` would count) while a released one is on its way back to the pool.
+        let client = MySqlBackend::open(&format!("{}?pool_size=1", server.url()))
+            .await
+            .unwrap();
+        let operator = open(&server).await;
+        let mut probe = operator.pool().acquire().await.unwrap().detach();
+        // Warm up: the pool's connection is open and the statements are prepared.
+        for _ in 0..2 {
+            let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
+            client.release(&lease).await.unwrap();
+        }
+        // The probe's own cost: reading twice with nothing between counts one
+        // question, the second read. Checked, not assumed.
+        let first = counters(&mut probe).await;
+        let second = counters(&mut probe).await;
+        assert_eq!((second.0 - first.0, second.1 - first.1), (1, 0));
+        let rounds = 5;
+        let before = counters(&mut probe).await;
+        for _ in 0..rounds {
+            let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
+            client.release(&lease).await.unwrap();
+        }
+        let after = counters(&mut probe).await;
+        assert_eq!(after.1 - before.1, 0, "no connection was opened meanwhile");
+        assert_eq!(
+            after.0 - before.0 - 1,
+            2 * rounds,
+            "statements for {rounds} acquire+release"
+        );
+        probe.close().await.unwrap();
+    })
+    .await;
+}

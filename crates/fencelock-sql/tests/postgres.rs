@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use fencelock_conformance::harness::{Postgres, Server};
+use fencelock_conformance::harness::{PgBouncer, Postgres, Server};
 use fencelock_conformance::proxy::{Fault, FaultProxy};
 use fencelock_core::{
     AcquireRequest, Error, FenceGate, FencingToken, Lease, LeaseKind, LockBackend, LockName,
@@ -527,6 +527,260 @@ async fn a_holder_cut_off_by_the_proxy_is_told_lost_and_fenced_after_a_takeover(
             (state.holder, state.token),
             (next.owner().clone(), next.token())
         );
+    })
+    .await;
+}
+
+/// A session-mode backend whose waiters would poll only once an hour, if they polled.
+async fn open_session_never_polling(server: &Postgres) -> PostgresBackend {
+    let url = format!("{}?mode=session", server.url());
+    let mut config = PostgresConfig::from_url(&url).unwrap();
+    config.poll_min = HOUR;
+    config.poll_max = HOUR;
+    PostgresBackend::connect(config).await.unwrap()
+}
+
+/// The advisory lock entries of `key` in `pg_locks`: `(pid, granted)`, with when the
+/// session's current statement started (µs since the epoch).
+async fn advisory_entries(operator: &PostgresBackend, key: &str) -> Vec<(i32, bool, i64)> {
+    sqlx::query_as(
+        "SELECT l.pid, l.granted, (extract(epoch FROM a.query_start) * 1000000)::bigint
+         FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.objsubid = 1
+           AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)
+         ORDER BY l.granted DESC, l.pid",
+    )
+    .bind(key)
+    .fetch_all(operator.pool())
+    .await
+    .unwrap()
+}
+
+/// The one server session waiting for the advisory lock of `key`, once it shows up
+/// (checked every 20 ms, at most 1,000 times).
+async fn waiting_session(operator: &PostgresBackend, key: &str) -> (i32, i64) {
+    for _ in 0..1000 {
+        let waiting: Vec<_> = advisory_entries(operator, key)
+            .await
+            .into_iter()
+            .filter(|(_, granted, _)| !granted)
+            .collect();
+        assert!(
+            waiting.len() <= 1,
+            "one waiter, one queue entry: {waiting:?}"
+        );
+        if let Some(&(pid, _, started)) = waiting.first() {
+            return (pid, started);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no server session waited for `{key}`");
+}
+
+/// Whether the server session `pid` still exists.
+async fn session_exists(operator: &PostgresBackend, pid: i32) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+        .bind(pid)
+        .fetch_one(operator.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_waiter_waits_in_the_servers_queue_and_is_granted_on_release() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("queued", MINUTE)).await.unwrap();
+        let waiting = tokio::spawn(async move {
+            let lease = waiter
+                .acquire(request("queued", MINUTE).with_wait(WaitPolicy::Forever))
+                .await;
+            (waiter, lease)
+        });
+        // The waiter is one server session blocked in the lock's queue
+        // (`granted = false`), on one statement that is still the same one later: it
+        // does not retry.
+        let (pid, started) = waiting_session(&operator, "queued").await;
+        let (reason, statement): (String, String) =
+            sqlx::query_as("SELECT wait_event_type, query FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(operator.pool())
+                .await
+                .unwrap();
+        assert_eq!(reason, "Lock");
+        assert!(statement.contains("pg_advisory_lock("), "{statement}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(waiting_session(&operator, "queued").await, (pid, started));
+        // Its poll is an hour away: the release itself lets the server grant it, to
+        // that very session.
+        holder.release(&held).await.unwrap();
+        let (waiter, lease) = waiting.await.unwrap();
+        let lease = lease.unwrap();
+        assert!(lease.token() > held.token());
+        let entries = advisory_entries(&operator, "queued").await;
+        assert_eq!(
+            entries.iter().map(|(p, g, _)| (*p, *g)).collect::<Vec<_>>(),
+            vec![(pid, true)]
+        );
+        waiter.release(&lease).await.unwrap();
+        assert!(advisory_entries(&operator, "queued").await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_cancelled_waiter_leaves_the_queue_and_never_takes_the_lock() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("cancel", MINUTE)).await.unwrap();
+        let waiting = tokio::spawn(async move {
+            waiter
+                .acquire(request("cancel", MINUTE).with_wait(WaitPolicy::Forever))
+                .await
+        });
+        let (pid, _) = waiting_session(&operator, "cancel").await;
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        // The cancelled acquire's server session is ended (bounded: 1,000 × 20 ms).
+        let mut gone = false;
+        for _ in 0..1000 {
+            if !session_exists(&operator, pid).await {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone, "the cancelled waiter's session {pid} still exists");
+        // Nobody queues any more; after the release the lock is free for anyone.
+        let entries = advisory_entries(&operator, "cancel").await;
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(entries[0].1);
+        holder.release(&held).await.unwrap();
+        assert!(advisory_entries(&operator, "cancel").await.is_empty());
+        let other = open_session_never_polling(&server).await;
+        let next = other.acquire(request("cancel", MINUTE)).await.unwrap();
+        assert!(next.token() > held.token());
+        other.release(&next).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_wait_deadline_ends_the_servers_wait_with_timeout() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("deadline", MINUTE)).await.unwrap();
+        let wait = Duration::from_millis(300);
+        let start = Instant::now();
+        let result = waiter
+            .acquire(request("deadline", MINUTE).with_wait(WaitPolicy::Until(wait)))
+            .await;
+        assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+        assert!(start.elapsed() >= wait);
+        // Only the holder is left: the timed-out wait left no queue entry.
+        let entries = advisory_entries(&operator, "deadline").await;
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(entries[0].1);
+        // The waiter's pool still works, and the lock is the holder's.
+        assert!(matches!(
+            waiter.acquire(request("deadline", MINUTE)).await,
+            Err(Error::Contended { .. })
+        ));
+        holder.release(&held).await.unwrap();
+        let next = waiter.acquire(request("deadline", MINUTE)).await.unwrap();
+        assert!(next.token() > held.token());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_refuses_a_transaction_pooling_pgbouncer_and_says_what_to_do() {
+    bounded(async {
+        let server = server().await;
+        let bouncer = PgBouncer::start_transaction_pooling(&server).await.unwrap();
+        // Refused at connect, every time, naming the cause and the fix.
+        for _ in 0..3 {
+            let result = PostgresBackend::open(&format!("{}?mode=session", bouncer.url())).await;
+            match result {
+                Err(Error::Unsupported { store, what }) => {
+                    assert_eq!(store, "postgres");
+                    assert!(what.contains("transaction pooling proxy"), "{what}");
+                    assert!(what.contains("pg_backend_pid() changed"), "{what}");
+                    assert!(what.contains("directly"), "{what}");
+                    assert!(what.contains("?mode=lease"), "{what}");
+                    assert!(what.contains(&bouncer.addr().to_string()), "{what}");
+                }
+                other => panic!("expected Error::Unsupported, got {other:?}"),
+            }
+        }
+        // The same URL straight to the server is fine.
+        let direct = PostgresBackend::open(&format!("{}?mode=session", server.url()))
+            .await
+            .unwrap();
+        let lease = direct.acquire(request("bounced", MINUTE)).await.unwrap();
+        direct.release(&lease).await.unwrap();
+    })
+    .await;
+}
+
+/// Statements run by role `locker`, as `pg_stat_statements` counts them (every
+/// execution, including utility statements; protocol-level syncs and pings are not
+/// statements).
+async fn statements_of_locker(operator: &PostgresBackend) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(s.calls), 0)::bigint FROM pg_stat_statements AS s
+         JOIN pg_roles AS r ON r.oid = s.userid WHERE r.rolname = 'locker'",
+    )
+    .fetch_one(operator.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_acquire_and_release_are_exactly_two_statements() {
+    bounded(async {
+        let server = server().await;
+        let operator = open(&server).await;
+        for statement in [
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+            "CREATE ROLE locker LOGIN SUPERUSER",
+        ] {
+            sqlx::query(statement)
+                .execute(operator.pool())
+                .await
+                .unwrap();
+        }
+        // Every statement of this client runs as `locker`, the probe as `postgres`.
+        let url = server.url().replace("postgres@", "locker@");
+        let client = PostgresBackend::open(&url).await.unwrap();
+        // Warm up: the pool's connection is open and the statements are prepared.
+        for _ in 0..2 {
+            let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
+            client.release(&lease).await.unwrap();
+        }
+        let rounds = 5;
+        let before = statements_of_locker(&operator).await;
+        for _ in 0..rounds {
+            let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
+            client.release(&lease).await.unwrap();
+        }
+        let after = statements_of_locker(&operator).await;
+        assert_eq!(
+            after - before,
+            2 * rounds,
+            "statements for {rounds} acquire+release"
+        );
+        // And nothing else ran meanwhile: the count is still.
+        assert_eq!(statements_of_locker(&operator).await, after);
     })
     .await;
 }

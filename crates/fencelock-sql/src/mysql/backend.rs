@@ -16,7 +16,7 @@ use sqlx::pool::PoolConnection;
 use tokio::time::Instant;
 
 use super::queries::LeaseQueries;
-use super::session::{SessionError, SessionLocks, SessionQueries};
+use super::session::{SessionError, SessionLocks, SessionQueries, behind_transaction_pooling};
 use super::{STORE, create_table, db_error, is_lock_conflict, is_temporary, open_pool};
 use crate::server_config::LockMode;
 use crate::{MySqlConfig, MySqlFenceGate, backoff};
@@ -68,7 +68,7 @@ const LOCK_CONFLICT_RETRIES: u32 = 5;
 /// notice at their next poll. Not FIFO.
 ///
 /// # Session mode (`mode=session`)
-/// Each held lock is a named server lock, `GET_LOCK(name, 0)` (the name is
+/// Each held lock is a named server lock, `GET_LOCK(name, seconds)` (the name is
 /// `fencelock:` + a SHA-256 prefix of database, table and key), on a connection taken
 /// out of the pool for as long as the lock is held; the fencing token is the same
 /// table's counter, bumped on that connection right after the lock is taken. The lock
@@ -76,10 +76,17 @@ const LOCK_CONFLICT_RETRIES: u32 = 5;
 /// closes the connection itself when the TTL passes without a renewal. Renewal probes
 /// that the lock is still held by the connection's own server session
 /// (`IS_USED_LOCK(..) = CONNECTION_ID()`), which also refuses a proxy that moves
-/// statements between server sessions. Waiters do not queue on the server: they
-/// retry the try-lock with backoff. Releasing a lease held by another client kills
-/// that client's session. Do not share one table between lease-mode and session-mode
-/// clients.
+/// statements between server sessions; [`connect`](Self::connect) refuses such a
+/// transaction pooling proxy up front by comparing `CONNECTION_ID()` of two
+/// connections (one inside a transaction) and of one connection twice.
+///
+/// Waiters queue on the server: `GET_LOCK` waits up to the acquire's deadline, and the
+/// server grants the lock when it is released (so session mode reports
+/// [`WaitKind::Notify`]). A waiter that is dropped has its connection closed and its
+/// server session killed (`KILL`, then waited for until it is gone, before the drop
+/// returns on a multi-threaded tokio runtime), so it never takes the lock for nobody.
+/// Releasing a lease held by another client kills that client's session. Do not share
+/// one table between lease-mode and session-mode clients.
 #[derive(Clone)]
 pub struct MySqlBackend {
     inner: Arc<Inner>,
@@ -118,15 +125,30 @@ impl MySqlBackend {
     ///
     /// # Errors
     /// [`Error::Config`] for a bad configuration; a temporary [`Error::Backend`]
-    /// naming the server when it cannot be reached.
+    /// naming the server when it cannot be reached; [`Error::Unsupported`] in session
+    /// mode behind a transaction pooling proxy, naming the cause and the fix.
     pub async fn connect(config: MySqlConfig) -> Result<Self> {
         let pool = open_pool(&config).await?;
+        if config.mode == LockMode::Session {
+            let pooled = behind_transaction_pooling(&pool).await.map_err(|err| {
+                db_error(
+                    context(&config, "check for a transaction pooling proxy"),
+                    err,
+                )
+            })?;
+            if pooled {
+                return Err(Error::Unsupported {
+                    store: STORE,
+                    what: pooling_proxy(&config),
+                });
+            }
+        }
         let queries = LeaseQueries::new(&config.table);
         create_table(&pool, &queries.create_table)
             .await
             .map_err(|err| db_error(context(&config, "create the lease table"), err))?;
         let session = (config.mode == LockMode::Session).then(|| Session {
-            locks: Arc::default(),
+            locks: Arc::new(SessionLocks::new(STORE)),
             queries: SessionQueries::new(&config.table),
         });
         Ok(Self {
@@ -220,27 +242,31 @@ impl MySqlBackend {
         })
     }
 
-    /// One attempt to take the lock: `Some` lease if granted, `None` if held.
+    /// Takes the lock in session mode, waiting in the server's queue as `deadline`
+    /// allows: `Some` lease if granted, `None` if still held when waiting ends.
+    async fn session_grant(
+        &self,
+        session: &Session,
+        req: &AcquireRequest,
+        key: &str,
+        deadline: &WaitDeadline,
+    ) -> Result<Option<Lease>> {
+        let attempt = session
+            .locks
+            .acquire(&self.inner.pool, &session.queries, req, key, deadline)
+            .await;
+        attempt.map_err(|err| match err {
+            SessionError::Sql(err) => self.failed(format_args!("acquire `{}`", req.name), err),
+            SessionError::PoolingProxy => Error::Unsupported {
+                store: STORE,
+                what: pooling_proxy(&self.inner.config),
+            },
+        })
+    }
+
+    /// One attempt to take the lock in lease mode: `Some` lease if granted, `None` if
+    /// held.
     async fn try_grant(&self, req: &AcquireRequest, key: &str) -> Result<Option<Lease>> {
-        if let Some(session) = &self.inner.session {
-            let attempt = session
-                .locks
-                .try_grant(&self.inner.pool, &session.queries, req, key)
-                .await;
-            return attempt.map_err(|err| match err {
-                SessionError::Sql(err) => self.failed(format_args!("acquire `{}`", req.name), err),
-                SessionError::PoolingProxy => Error::Unsupported {
-                    store: STORE,
-                    what: format!(
-                        "mode=session through {}: the named lock taken on a connection was not \
-                         held by that connection's next statement, so a proxy that moves \
-                         statements between server sessions is in between; connect to the \
-                         server directly, or use mode=lease",
-                        self.inner.config.server.endpoint()
-                    ),
-                },
-            });
-        }
         let mut conflicts = 0;
         loop {
             match self.grant_once(req, key).await {
@@ -370,6 +396,18 @@ impl MySqlBackend {
     }
 }
 
+/// What [`Error::Unsupported`] says when a transaction pooling proxy is in between.
+fn pooling_proxy(config: &MySqlConfig) -> String {
+    format!(
+        "mode=session through {}: statements of one connection ran in different server \
+         sessions (CONNECTION_ID() changed), so a transaction pooling proxy (such as \
+         ProxySQL with multiplexing) is in between, and a named lock would belong to \
+         whichever client the proxy hands that server session to next; connect to the \
+         MySQL server directly, or use ?mode=lease",
+        config.server.endpoint()
+    )
+}
+
 fn context(config: &MySqlConfig, what: impl fmt::Display) -> String {
     format!(
         "{what} at {} (table `{}`)",
@@ -385,7 +423,12 @@ impl LockBackend for MySqlBackend {
             store: STORE,
             fencing: true,
             fifo: false,
-            wait: WaitKind::Poll,
+            // In session mode the server's queue wakes the waiter.
+            wait: if self.inner.session.is_some() {
+                WaitKind::Notify
+            } else {
+                WaitKind::Poll
+            },
             lease: if self.inner.session.is_some() {
                 LeaseKind::Session
             } else {
@@ -398,6 +441,13 @@ impl LockBackend for MySqlBackend {
     async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
         let key = self.key(&req.name);
         let deadline = WaitDeadline::start(req.wait);
+        if let Some(session) = &self.inner.session {
+            // The server's queue does the waiting.
+            return self
+                .session_grant(session, &req, &key, &deadline)
+                .await?
+                .ok_or_else(|| deadline.give_up(&req.name, STORE));
+        }
         if !deadline.may_wait() {
             return self
                 .try_grant(&req, &key)
@@ -417,15 +467,10 @@ impl LockBackend for MySqlBackend {
             if deadline.passed() {
                 return Err(deadline.give_up(&req.name, STORE));
             }
-            let held_for = if self.inner.session.is_some() {
-                // A session lock has no TTL to wait for: the next poll.
-                poll_max
-            } else {
-                let Some(holder) = self.holder(&key, &req.name).await? else {
-                    continue; // Freed since the attempt: try again at once.
-                };
-                holder.remaining.unwrap_or(poll_max)
+            let Some(holder) = self.holder(&key, &req.name).await? else {
+                continue; // Freed since the attempt: try again at once.
             };
+            let held_for = holder.remaining.unwrap_or(poll_max);
             let pause = backoff::pause(backoff, held_for);
             backoff = (backoff * 2).min(poll_max);
             tokio::select! {

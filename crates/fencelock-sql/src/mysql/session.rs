@@ -1,36 +1,39 @@
-//! Session mode on MySQL/MariaDB: a lock is a named server lock (`GET_LOCK(.., 0)`)
-//! on a connection taken out of the pool for as long as it is held.
+//! Session mode on MySQL/MariaDB: a lock is a named server lock (`GET_LOCK`) on a
+//! connection taken out of the pool for as long as it is held.
 //!
 //! `GET_LOCK` names are server-wide and at most 64 characters, so each is
 //! `fencelock:` + 54 hex digits of the SHA-256 of database, table and key. The
 //! fencing counter is the lease table's row for the name, bumped while holding.
-//! Waiters never queue on the server (a dropped waiter's session would take the lock
-//! after the next release): they retry the try-lock with backoff.
+//! Waiters queue on the server: `GET_LOCK(name, seconds)` with the wait's deadline as
+//! its timeout. A waiter dropped while its statement runs must not leave its server
+//! session in the queue (it would take the lock after the next release with nobody to
+//! use it): its connection is closed and its server session killed by
+//! `CONNECTION_ID()` (never reused by the server), which frees whatever it took.
 //!
 //! A held lock ends when its connection does (the server frees the named locks of a
 //! session that ends), and also when its TTL passes without a renewal: the backend
 //! then closes the connection itself, so the TTL contract holds for clients that are
 //! alive but stopped renewing.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fencelock_core::{
-    AcquireRequest, Error, FencingToken, Lease, LockState, LossReason, OwnerId, Result, valid_until,
+    AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline, valid_until,
 };
 use sqlx::mysql::{MySql, MySqlConnection, MySqlPool};
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, Row};
-use tokio::task::AbortHandle;
+use sqlx::{Connection, Executor, Row};
 use tokio::time::Instant;
 
 use super::STORE;
+use crate::in_flight::end_dropped_wait;
+use crate::session_table::SessionStatements;
 
 /// The statements of session mode on one lease table.
 #[derive(Debug)]
 pub(crate) struct SessionQueries {
-    try_lock: String,
+    lock: String,
     bump: String,
     probe: String,
     clear_owner: String,
@@ -47,8 +50,9 @@ impl SessionQueries {
         let now =
             "CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS SIGNED)";
         Self {
-            // ? key. 1 if we got the lock.
-            try_lock: format!("SELECT GET_LOCK({lock}, 0)"),
+            // ? key, ? seconds to wait (0: none). 1 if we got the lock, 0 if it was
+            // still held when the time ran out; and the server session.
+            lock: format!("SELECT GET_LOCK({lock}, ?), CONNECTION_ID()"),
             // ? key, ? owner. The next token through LAST_INSERT_ID (a new row seeds it
             // from the clock in µs). `expires_at = 0`: lease-mode clients see the row
             // as free, so one table must not be shared between the two modes.
@@ -80,208 +84,199 @@ WHERE name = ? AND owner IS NOT NULL AND IS_USED_LOCK({lock}) IS NOT NULL"
     }
 }
 
-/// The session locks this backend holds, by owner id.
-#[derive(Debug, Default)]
-pub(crate) struct SessionLocks {
-    held: Mutex<HashMap<String, Arc<Held>>>,
-}
+/// The session locks of a MySQL backend.
+pub(crate) type SessionLocks = crate::session_table::SessionLocks<MySqlConnection>;
 
-/// One held session lock: its connection and when its TTL ends.
-#[derive(Debug)]
-struct Held {
-    key: String,
-    token: u64,
-    conn: tokio::sync::Mutex<Option<MySqlConnection>>,
-    ends_at: Mutex<Instant>,
-    expiry: Mutex<Option<AbortHandle>>,
-}
+impl SessionStatements for SessionQueries {
+    type Conn = MySqlConnection;
 
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update is one assignment or map operation: poisoning leaves nothing
-    // half-done.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
+    /// Whether this very server session holds the named lock (the session id is
+    /// checked by the server: `IS_USED_LOCK(..) = CONNECTION_ID()`).
+    async fn probe(&self, conn: &mut MySqlConnection, key: &str, _session: i64) -> bool {
+        let ours = sqlx::query_scalar::<_, i64>(&self.probe)
+            .bind(key.as_bytes())
+            .fetch_one(conn)
+            .await;
+        ours.is_ok_and(|ours| ours == 1)
+    }
 
-/// Ends the server session of `conn`, which frees its named locks.
-async fn close(conn: Option<MySqlConnection>) {
-    if let Some(conn) = conn {
-        let _ = conn.close().await;
+    async fn unlock(&self, conn: &mut MySqlConnection, key: &str, owner: &str, token: u64) -> bool {
+        unlock(conn, self, owner, key, token)
+            .await
+            .is_ok_and(|freed| freed == 1)
     }
 }
 
-fn lost(lease: &Lease, reason: LossReason) -> Error {
-    Error::Lost {
-        name: lease.name().clone(),
-        store: STORE,
-        token: lease.token(),
-        reason,
-    }
+/// Whether the server sessions behind `pool` move between its connections, as behind
+/// a transaction pooling proxy (such as ProxySQL with multiplexing): one connection's
+/// `CONNECTION_ID()`, then a second connection's inside an open transaction, then the
+/// first's again. Talking to the server directly, two connections are two sessions
+/// and a connection keeps its session. Plain text queries: no prepared statement a
+/// proxy could mix up.
+pub(crate) async fn behind_transaction_pooling(pool: &MySqlPool) -> Result<bool, sqlx::Error> {
+    const ID: &str = "SELECT CONNECTION_ID()";
+    let mut first = pool.acquire().await?;
+    let mut second = MySqlConnection::connect_with(&*pool.connect_options()).await?;
+    let before: u64 = (&mut *first).fetch_one(ID).await?.try_get(0)?;
+    second.execute("START TRANSACTION").await?;
+    let other: u64 = second.fetch_one(ID).await?.try_get(0)?;
+    let after: u64 = (&mut *first).fetch_one(ID).await?.try_get(0)?;
+    second.execute("ROLLBACK").await?;
+    let _ = second.close().await;
+    Ok(other == before || after != before)
 }
 
-/// A try-lock whose outcome its caller has not seen yet. Dropped unsettled, it ends
-/// the connection's server session, which frees whatever the statement took.
+/// The longest `GET_LOCK` wait, a year: MariaDB refuses a negative (endless) one.
+const FOREVER_SECONDS: f64 = 31_536_000.0;
+
+/// A lock attempt whose outcome its caller has not seen yet. Dropped unsettled (the
+/// acquire was cancelled, or a statement after the lock failed), it closes the
+/// connection and kills its server session, which frees whatever it took and takes it
+/// out of the server's queue.
 struct InFlight {
     conn: Option<PoolConnection<MySql>>,
+    pool: MySqlPool,
+    /// `CONNECTION_ID()` of the connection's server session, once known.
+    session: Option<u64>,
+}
+
+impl InFlight {
+    fn conn(&mut self) -> &mut MySqlConnection {
+        self.conn.as_deref_mut().expect("taken only when settled")
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            // Dropping a detached connection closes its socket; the server ends the
-            // session when it reads the end of the stream.
-            drop(conn.detach());
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // Dropping a detached connection closes its socket; the server ends an idle
+        // session when it reads the end of the stream.
+        drop(conn.detach());
+        // A session blocked in `GET_LOCK` may not notice before it is granted: kill
+        // it from another connection, and wait until it has ended.
+        let Some(id) = self.session else {
+            return;
+        };
+        let pool = self.pool.clone();
+        end_dropped_wait(STORE, async move { kill_and_wait(&pool, id).await });
+    }
+}
+
+/// How often, and how many times, [`kill_and_wait`] looks for the killed session.
+const GONE_CHECK_EVERY: Duration = Duration::from_millis(5);
+const GONE_CHECKS: u32 = 1000;
+
+/// Kills server session `id` and waits until it is gone from the process list, so
+/// its locks and its place in their queues are freed. Connection ids are never
+/// reused, so this kills nobody else.
+async fn kill_and_wait(pool: &MySqlPool, id: u64) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    if let Err(err) = sqlx::query(&format!("KILL {id}")).execute(&mut *conn).await {
+        // "Unknown thread id": it has ended by itself.
+        tracing::debug!(id, store = STORE, %err, "kill of a cancelled lock wait");
+    }
+    for _ in 0..GONE_CHECKS {
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
+        if left == 0 {
+            return Ok(());
         }
+        tokio::time::sleep(GONE_CHECK_EVERY).await;
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "server session {id} was killed but is still listed"
+    )))
+}
+
+/// `GET_LOCK`'s timeout for a wait until `deadline`, in seconds (microseconds are
+/// kept); 0 for no wait.
+fn wait_seconds(deadline: &WaitDeadline) -> f64 {
+    if !deadline.may_wait() {
+        return 0.0;
+    }
+    match deadline.deadline() {
+        None => FOREVER_SECONDS,
+        Some(at) => at
+            .checked_duration_since(Instant::now())
+            .map_or(0.0, |left| left.as_secs_f64().min(FOREVER_SECONDS)),
     }
 }
 
 impl SessionLocks {
-    /// One attempt: `Some` lease if the lock was free, `None` if held.
-    pub(crate) async fn try_grant(
+    /// Takes the lock, waiting in the server's queue as `deadline` allows: `Some`
+    /// lease if granted, `None` if still held when waiting ends.
+    pub(crate) async fn acquire(
         self: &Arc<Self>,
         pool: &MySqlPool,
         queries: &SessionQueries,
         req: &AcquireRequest,
         key: &str,
+        deadline: &WaitDeadline,
     ) -> Result<Option<Lease>, SessionError> {
         let conn = pool.acquire().await?;
-        let mut in_flight = InFlight { conn: Some(conn) };
-        let conn = in_flight.conn.as_deref_mut().expect("set above");
-        let sent = Instant::now();
-        let got: Option<i64> = sqlx::query_scalar(&queries.try_lock)
+        let mut in_flight = InFlight {
+            conn: Some(conn),
+            pool: pool.clone(),
+            session: None,
+        };
+        let seconds = wait_seconds(deadline);
+        if seconds > 0.0 {
+            let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+                .fetch_one(in_flight.conn())
+                .await?;
+            in_flight.session = Some(id);
+        }
+        let row = sqlx::query(&queries.lock)
             .bind(key.as_bytes())
-            .fetch_one(&mut *conn)
+            .bind(seconds)
+            .fetch_one(in_flight.conn())
             .await?;
+        let got: Option<i64> = row.try_get(0)?;
         if got != Some(1) {
             // Nothing taken: the connection goes back to the pool.
             in_flight.conn.take();
             return Ok(None);
         }
+        // Measured from the bump, not from the start of the wait: the lock was
+        // granted before it, and the TTL runs from here.
+        let sent = Instant::now();
         let token = sqlx::query(&queries.bump)
             .bind(key.as_bytes())
             .bind(req.owner.as_str())
-            .execute(&mut *conn)
+            .execute(in_flight.conn())
             .await?
             .last_insert_id();
         let ours: i64 = sqlx::query_scalar(&queries.probe)
             .bind(key.as_bytes())
-            .fetch_one(&mut *conn)
+            .fetch_one(in_flight.conn())
             .await?;
         if ours != 1 {
             // Dropping `in_flight` ends the session that holds the lock.
             return Err(SessionError::PoolingProxy);
         }
-        let held = Arc::new(Held {
-            key: key.to_owned(),
+        let id = in_flight.session;
+        // Out of the pool for as long as the lock is held.
+        let conn = in_flight.conn.take().expect("settled here").detach();
+        let session = id.and_then(|id| i64::try_from(id).ok()).unwrap_or(0);
+        self.insert(
+            req.owner.as_str(),
+            key,
             token,
-            // Out of the pool for as long as the lock is held.
-            conn: tokio::sync::Mutex::new(in_flight.conn.take().map(PoolConnection::detach)),
-            ends_at: Mutex::new(sent + req.ttl),
-            expiry: Mutex::new(None),
-        });
-        let owner = req.owner.as_str().to_owned();
-        locked(&self.held).insert(owner.clone(), Arc::clone(&held));
-        let expiry = tokio::spawn(Arc::clone(self).expire(owner, Arc::clone(&held)));
-        *locked(&held.expiry) = Some(expiry.abort_handle());
+            session,
+            conn,
+            sent + req.ttl,
+        );
         Ok(Some(Lease::new(
             req.name.clone(),
             req.owner.clone(),
             FencingToken(token),
             valid_until(sent, req.ttl),
         )))
-    }
-
-    /// Ends `held` once its TTL passes without a renewal. Runs until then or until
-    /// the lock is released (which aborts it).
-    async fn expire(self: Arc<Self>, owner: String, held: Arc<Held>) {
-        loop {
-            let ends_at = *locked(&held.ends_at);
-            tokio::time::sleep_until(ends_at).await;
-            if *locked(&held.ends_at) <= Instant::now() {
-                break;
-            }
-        }
-        self.forget(&owner, &held);
-        close(held.conn.lock().await.take()).await;
-        tracing::debug!(
-            key = held.key,
-            store = STORE,
-            "session lock ran out its TTL"
-        );
-    }
-
-    /// Removes `held` from the table if it is still the entry of `owner`.
-    fn forget(&self, owner: &str, held: &Arc<Held>) {
-        let mut table = locked(&self.held);
-        if table
-            .get(owner)
-            .is_some_and(|entry| Arc::ptr_eq(entry, held))
-        {
-            table.remove(owner);
-        }
-    }
-
-    /// The entry of `lease`, if this backend still holds exactly that grant.
-    fn entry(&self, lease: &Lease, key: &str) -> Option<Arc<Held>> {
-        let table = locked(&self.held);
-        let held = table.get(lease.owner().as_str())?;
-        (held.key == key && held.token == lease.token().0).then(|| Arc::clone(held))
-    }
-
-    /// Probes the lock's connection and extends its TTL.
-    pub(crate) async fn renew(
-        &self,
-        queries: &SessionQueries,
-        lease: &Lease,
-        key: &str,
-        ttl: Duration,
-    ) -> Result<Lease> {
-        let Some(held) = self.entry(lease, key) else {
-            return Err(lost(lease, LossReason::NotOurs));
-        };
-        let mut conn = held.conn.lock().await;
-        let sent = Instant::now();
-        let probe = match conn.as_mut() {
-            Some(conn) => sqlx::query_scalar::<_, i64>(&queries.probe)
-                .bind(key.as_bytes())
-                .fetch_one(conn)
-                .await
-                .ok(),
-            None => None,
-        };
-        if probe != Some(1) {
-            // The connection died, or the lock is not this session's any more.
-            self.forget(lease.owner().as_str(), &held);
-            close(conn.take()).await;
-            return Err(lost(lease, LossReason::SessionEnded));
-        }
-        *locked(&held.ends_at) = sent + ttl;
-        Ok(lease.clone().renewed(valid_until(sent, ttl)))
-    }
-
-    /// Unlocks and closes the lock's connection; `Lost` if the lock was not held any
-    /// more. `None` if this backend does not hold the lease.
-    pub(crate) async fn release(
-        &self,
-        queries: &SessionQueries,
-        lease: &Lease,
-        key: &str,
-    ) -> Option<Result<()>> {
-        let held = self.entry(lease, key)?;
-        self.forget(lease.owner().as_str(), &held);
-        if let Some(expiry) = locked(&held.expiry).take() {
-            expiry.abort();
-        }
-        let mut conn = held.conn.lock().await;
-        let unlocked = match conn.as_mut() {
-            Some(c) => unlock(c, queries, lease, key, held.token).await.ok(),
-            None => None,
-        };
-        close(conn.take()).await;
-        Some(if unlocked == Some(1) {
-            Ok(())
-        } else {
-            Err(lost(lease, LossReason::SessionEnded))
-        })
     }
 
     /// Releases a grant that another client holds (the contract lets anyone with the
@@ -349,13 +344,13 @@ impl SessionLocks {
 async fn unlock(
     conn: &mut MySqlConnection,
     queries: &SessionQueries,
-    lease: &Lease,
+    owner: &str,
     key: &str,
     token: u64,
 ) -> Result<i64, sqlx::Error> {
     sqlx::query(&queries.clear_owner)
         .bind(key.as_bytes())
-        .bind(lease.owner().as_str())
+        .bind(owner)
         .bind(i64::try_from(token).unwrap_or(i64::MAX))
         .execute(&mut *conn)
         .await?;

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::notify::Listener;
 use super::queries::LeaseQueries;
-use super::session::{SessionError, SessionLocks, SessionQueries};
+use super::session::{SessionError, SessionLocks, SessionQueries, behind_transaction_pooling};
 use super::{STORE, create_table, db_error, is_temporary, open_pool};
 use crate::server_config::LockMode;
 use crate::{PostgresConfig, PostgresFenceGate, backoff};
@@ -60,18 +60,25 @@ use crate::in_flight::{InFlight, UndoAcquire};
 ///
 /// # Session mode (`mode=session`)
 /// Each held lock is a session-level advisory lock,
-/// `pg_try_advisory_lock(hashtextextended(key, 0))`, on a connection taken out of the
+/// `pg_advisory_lock(hashtextextended(key, 0))`, on a connection taken out of the
 /// pool for as long as the lock is held; the fencing token is the same table's
 /// counter, bumped on that connection right after the lock is taken. The lock ends
 /// when its connection does (the server frees the locks of a session that ends: a
 /// crashed client, `pg_terminate_backend`), and the backend also closes the
 /// connection itself when the TTL passes without a renewal, so the TTL contract holds
 /// for a client that is alive but stopped renewing. Renewal probes the connection and
-/// checks that it still talks to the same server session; a client behind a pooler in
-/// transaction mode (whose statements run in varying server sessions) is refused with
-/// [`Error::Unsupported`] at acquire. Waiters do not queue on the server (a dropped
-/// waiter's session would take the lock after the next release): they retry the
-/// try-lock, woken by the `NOTIFY` of a release and at least every `poll_max`.
+/// checks that it still talks to the same server session. A client behind a pooler in
+/// transaction mode (such as PgBouncer with `pool_mode = transaction`, whose
+/// statements run in varying server sessions) is refused with [`Error::Unsupported`]:
+/// at [`connect`](Self::connect), which compares `pg_backend_pid()` of two
+/// connections (one inside a transaction) and of one connection twice, and again at
+/// each acquire, whose lock and counter statements must report the same session.
+/// Waiters queue on the server: the waiting connection blocks in `pg_advisory_lock`
+/// with the wait's deadline as its `lock_timeout`. A waiter that is dropped has its
+/// connection closed and its server session terminated with
+/// `pg_terminate_backend(pid, 5000)` (Postgres 14 or later), waited for before the
+/// drop returns on a multi-threaded tokio runtime, so it never takes the lock for
+/// nobody.
 /// Releasing a lease held by another client ends that client's session. Do not share
 /// one table between lease-mode and session-mode clients.
 #[derive(Clone)]
@@ -113,10 +120,26 @@ impl PostgresBackend {
     ///
     /// # Errors
     /// [`Error::Config`] for a bad configuration; a temporary [`Error::Backend`]
-    /// naming the server when it cannot be reached.
+    /// naming the server when it cannot be reached; [`Error::Unsupported`] in session
+    /// mode behind a transaction pooling proxy, naming the cause and the fix.
     pub async fn connect(config: PostgresConfig) -> Result<Self> {
         // One more connection than configured: the listener keeps one for itself.
         let pool = open_pool(&config, 1).await?;
+        if config.mode == LockMode::Session {
+            // First, before any prepared statement could be mixed up by such a proxy.
+            let pooled = behind_transaction_pooling(&pool).await.map_err(|err| {
+                db_error(
+                    context(&config, "check for a transaction pooling proxy"),
+                    err,
+                )
+            })?;
+            if pooled {
+                return Err(Error::Unsupported {
+                    store: STORE,
+                    what: pooling_proxy(&config),
+                });
+            }
+        }
         let queries = LeaseQueries::new(&config.table);
         create_table(&pool, &queries.create_table)
             .await
@@ -126,7 +149,7 @@ impl PostgresBackend {
             .await
             .map_err(|err| db_error(context(&config, "listen for releases"), err))?;
         let session = (config.mode == LockMode::Session).then(|| Session {
-            locks: Arc::default(),
+            locks: Arc::new(SessionLocks::new(STORE)),
             queries: SessionQueries::new(&config.table),
         });
         Ok(Self {
@@ -221,27 +244,31 @@ impl PostgresBackend {
         })
     }
 
-    /// One attempt to take the lock: `Some` lease if granted, `None` if held.
+    /// Takes the lock in session mode, waiting in the server's queue as `deadline`
+    /// allows: `Some` lease if granted, `None` if still held when waiting ends.
+    async fn session_grant(
+        &self,
+        session: &Session,
+        req: &AcquireRequest,
+        key: &str,
+        deadline: &WaitDeadline,
+    ) -> Result<Option<Lease>> {
+        let attempt = session
+            .locks
+            .acquire(&self.inner.pool, &session.queries, req, key, deadline)
+            .await;
+        attempt.map_err(|err| match err {
+            SessionError::Sql(err) => self.failed(format_args!("acquire `{}`", req.name), err),
+            SessionError::PoolingProxy => Error::Unsupported {
+                store: STORE,
+                what: pooling_proxy(&self.inner.config),
+            },
+        })
+    }
+
+    /// One attempt to take the lock in lease mode: `Some` lease if granted, `None` if
+    /// held.
     async fn try_grant(&self, req: &AcquireRequest, key: &str) -> Result<Option<Lease>> {
-        if let Some(session) = &self.inner.session {
-            let attempt = session
-                .locks
-                .try_grant(&self.inner.pool, &session.queries, req, key)
-                .await;
-            return attempt.map_err(|err| match err {
-                SessionError::Sql(err) => self.failed(format_args!("acquire `{}`", req.name), err),
-                SessionError::PoolingProxy => Error::Unsupported {
-                    store: STORE,
-                    what: format!(
-                        "mode=session through {}: two statements on one connection ran in \
-                         different server sessions, so a pooler in transaction mode (such as \
-                         PgBouncer with pool_mode=transaction) is in between; connect to the \
-                         server directly or through session pooling, or use mode=lease",
-                        self.inner.config.server.endpoint()
-                    ),
-                },
-            });
-        }
         let conn = self.connection(format!("acquire `{}`", req.name)).await?;
         let mut in_flight = InFlight {
             backend: self,
@@ -324,6 +351,18 @@ impl PostgresBackend {
     }
 }
 
+/// What [`Error::Unsupported`] says when a transaction-pooling proxy is in between.
+fn pooling_proxy(config: &PostgresConfig) -> String {
+    format!(
+        "mode=session through {}: statements of one connection ran in different server \
+         sessions (pg_backend_pid() changed), so a transaction pooling proxy (such as \
+         PgBouncer with pool_mode=transaction) is in between, and a session lock would \
+         belong to whichever client the proxy hands that server session to next; connect \
+         to the Postgres server directly (or through session pooling), or use ?mode=lease",
+        config.server.endpoint()
+    )
+}
+
 fn context(config: &PostgresConfig, what: impl fmt::Display) -> String {
     format!(
         "{what} at {} (table `{}`)",
@@ -352,6 +391,13 @@ impl LockBackend for PostgresBackend {
     async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
         let key = self.key(&req.name);
         let deadline = WaitDeadline::start(req.wait);
+        if let Some(session) = &self.inner.session {
+            // The server's queue does the waiting.
+            return self
+                .session_grant(session, &req, &key, &deadline)
+                .await?
+                .ok_or_else(|| deadline.give_up(&req.name, STORE));
+        }
         if !deadline.may_wait() {
             return self
                 .try_grant(&req, &key)
@@ -371,15 +417,10 @@ impl LockBackend for PostgresBackend {
             if deadline.passed() {
                 return Err(deadline.give_up(&req.name, STORE));
             }
-            let held_for = if self.inner.session.is_some() {
-                // A session lock has no TTL to wait for: NOTIFY or the next poll.
-                poll_max
-            } else {
-                let Some(holder) = self.holder(&key, &req.name).await? else {
-                    continue; // Freed since the attempt: try again at once.
-                };
-                holder.remaining.unwrap_or(poll_max)
+            let Some(holder) = self.holder(&key, &req.name).await? else {
+                continue; // Freed since the attempt: try again at once.
             };
+            let held_for = holder.remaining.unwrap_or(poll_max);
             let pause = backoff::pause(backoff, held_for);
             backoff = (backoff * 2).min(poll_max);
             tokio::select! {

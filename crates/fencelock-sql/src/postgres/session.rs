@@ -1,37 +1,40 @@
 //! Session mode on Postgres: a lock is a session-level advisory lock
-//! (`pg_try_advisory_lock(hashtextextended(key, 0))`) on a connection taken out of
-//! the pool for as long as it is held.
+//! (`pg_advisory_lock(hashtextextended(key, 0))`) on a connection taken out of the
+//! pool for as long as it is held.
 //!
 //! The fencing counter is the lease table's row for the name, bumped while holding.
-//! Waiters never queue on the server: a waiter that is dropped would otherwise leave
-//! its server session waiting, and that session would take the lock after the next
-//! release with nobody to use it. They retry `pg_try_advisory_lock`, woken by the
-//! `NOTIFY` of a release and at the latest every `poll_max`.
+//! Waiters queue on the server: the waiting connection runs `pg_advisory_lock`, which
+//! the server grants when the lock is free, with the wait's deadline as the session's
+//! `lock_timeout`. A waiter dropped while its statement runs must not leave its server
+//! session in the queue (it would take the lock after the next release with nobody to
+//! use it): its connection is closed and its server session terminated by pid (checked
+//! against `backend_start`, so a reused pid is never hit), which frees whatever it took.
 //!
 //! A held lock ends when its connection does (the server frees session locks of a
 //! session that ends), and also when its TTL passes without a renewal: the backend
 //! then closes the connection itself, so the TTL contract holds for clients that are
 //! alive but stopped renewing.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
 use fencelock_core::{
-    AcquireRequest, Error, FencingToken, Lease, LockState, LossReason, OwnerId, Result, valid_until,
+    AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline, valid_until,
 };
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
-use sqlx::{Connection, Row};
-use tokio::task::AbortHandle;
+use sqlx::{Connection, Executor, Row};
 use tokio::time::Instant;
 
 use super::STORE;
+use crate::in_flight::end_dropped_wait;
+use crate::session_table::SessionStatements;
 
 /// The statements of session mode on one lease table.
 #[derive(Debug)]
 pub(crate) struct SessionQueries {
     try_lock: String,
+    prepare_wait: String,
+    lock: String,
     bump: String,
     probe: String,
     release: String,
@@ -44,6 +47,22 @@ impl SessionQueries {
         Self {
             // $1 key. Whether we got the lock, and which server session we are on.
             try_lock: "SELECT pg_try_advisory_lock(hashtextextended($1, 0)), pg_backend_pid()"
+                .to_owned(),
+            // $1 lock_timeout (e.g. `250ms`, `0` for none). The server session and when
+            // it started (µs since the epoch; 0 if unknown), which name it for
+            // `TERMINATE`.
+            prepare_wait: "SELECT pg_backend_pid(), COALESCE((SELECT (extract(epoch FROM \
+                           backend_start) * 1000000)::bigint FROM pg_stat_activity \
+                           WHERE pid = pg_backend_pid()), 0), \
+                           set_config('lock_timeout', $1, false)"
+                .to_owned(),
+            // $1 key. Waits in the server's queue for the lock, up to `lock_timeout`,
+            // then lifts `lock_timeout` (the targets run in order): the bump below may
+            // wait a moment for the counter row, which a release keeps locked until it
+            // commits, just after it freed the advisory lock; that must not fail on
+            // the acquire's deadline once the lock is ours.
+            lock: "SELECT pg_advisory_lock(hashtextextended($1, 0)), \
+                   set_config('lock_timeout', '0', false)"
                 .to_owned(),
             // $1 key, $2 owner. The next token (a new row seeds it from the clock in
             // µs), and the server session, which must be the one that took the lock.
@@ -94,224 +113,229 @@ WHERE name = $1 AND owner IS NOT NULL AND EXISTS (
     }
 }
 
-/// The session locks this backend holds, by owner id.
-#[derive(Debug, Default)]
-pub(crate) struct SessionLocks {
-    held: Mutex<HashMap<String, Arc<Held>>>,
-}
+/// The session locks of a Postgres backend.
+pub(crate) type SessionLocks = crate::session_table::SessionLocks<PgConnection>;
 
-/// One held session lock: its connection and when its TTL ends.
-#[derive(Debug)]
-struct Held {
-    key: String,
-    token: i64,
-    /// The server session (`pg_backend_pid()`) that holds the lock.
-    pid: i32,
-    conn: tokio::sync::Mutex<Option<PgConnection>>,
-    ends_at: Mutex<Instant>,
-    expiry: Mutex<Option<AbortHandle>>,
-}
+impl SessionStatements for SessionQueries {
+    type Conn = PgConnection;
 
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update is one assignment or map operation: poisoning leaves nothing
-    // half-done.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
+    async fn probe(&self, conn: &mut PgConnection, _key: &str, session: i64) -> bool {
+        let pid = sqlx::query_scalar::<_, i32>(&self.probe)
+            .fetch_one(conn)
+            .await;
+        pid.is_ok_and(|pid| i64::from(pid) == session)
+    }
 
-/// Ends the server session of `conn`, which frees its advisory locks.
-async fn close(conn: Option<PgConnection>) {
-    if let Some(conn) = conn {
-        let _ = conn.close().await;
+    async fn unlock(&self, conn: &mut PgConnection, key: &str, owner: &str, token: u64) -> bool {
+        let unlocked = sqlx::query_scalar::<_, bool>(&self.release)
+            .bind(key)
+            .bind(owner)
+            .bind(i64::try_from(token).unwrap_or(i64::MAX))
+            .fetch_one(conn)
+            .await;
+        unlocked.unwrap_or(false)
     }
 }
 
-fn session_ended(lease: &Lease) -> Error {
-    Error::Lost {
-        name: lease.name().clone(),
-        store: STORE,
-        token: lease.token(),
-        reason: LossReason::SessionEnded,
-    }
-}
+/// $1 pid, $2 `backend_start` in µs. Ends that server session if it is still the one
+/// that started then, and waits (up to 5 s; Postgres 14 or later) until it has exited
+/// and so freed its locks and its place in their queues.
+const TERMINATE: &str = "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+    WHERE pid = $1 AND (extract(epoch FROM backend_start) * 1000000)::bigint = $2";
 
-fn not_ours(lease: &Lease) -> Error {
-    Error::Lost {
-        name: lease.name().clone(),
-        store: STORE,
-        token: lease.token(),
-        reason: LossReason::NotOurs,
-    }
-}
+/// SQLSTATE `lock_not_available`: `lock_timeout` ran out.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
-/// A try-lock whose outcome its caller has not seen yet. Dropped unsettled, it ends
-/// the connection's server session, which frees whatever the statement took.
+/// A lock attempt whose outcome its caller has not seen yet. Dropped unsettled (the
+/// acquire was cancelled, or a statement after the lock failed), it closes the
+/// connection and terminates its server session, which frees whatever it took and
+/// takes it out of the server's queue.
 struct InFlight {
     conn: Option<PoolConnection<Postgres>>,
+    pool: PgPool,
+    /// `(pid, backend_start µs)` of the connection's server session, once known.
+    session: Option<(i32, i64)>,
+}
+
+impl InFlight {
+    fn conn(&mut self) -> &mut PgConnection {
+        self.conn.as_deref_mut().expect("taken only when settled")
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            // Dropping a detached connection closes its socket; the server ends the
-            // session when it reads the end of the stream.
-            drop(conn.detach());
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // Dropping a detached connection closes its socket; the server ends an idle
+        // session when it reads the end of the stream.
+        drop(conn.detach());
+        // A session blocked in `pg_advisory_lock` reads nothing until it is granted:
+        // end it from another connection, and wait until it has ended.
+        let Some((pid, started)) = self.session else {
+            return;
+        };
+        let pool = self.pool.clone();
+        end_dropped_wait(STORE, async move {
+            sqlx::query(TERMINATE)
+                .bind(pid)
+                .bind(started)
+                .execute(&pool)
+                .await
+                .map(drop)
+        });
+    }
+}
+
+/// `lock_timeout` for a wait until `deadline`: whole milliseconds rounded up, at
+/// least 1 (0 would mean no limit); `None` if the deadline has passed.
+fn lock_timeout(deadline: &WaitDeadline) -> Option<String> {
+    match deadline.deadline() {
+        None => Some("0".to_owned()),
+        Some(at) => {
+            let left = at.checked_duration_since(Instant::now())?;
+            let ms = left.as_micros().div_ceil(1000).max(1);
+            Some(format!("{ms}ms"))
         }
     }
 }
 
+/// Whether the server sessions behind `pool` move between its connections, as behind
+/// a transaction pooling proxy: one connection's `pg_backend_pid()`, then a second
+/// connection's inside an open transaction, then the first's again. Talking to the
+/// server directly, two connections are two sessions and a connection keeps its
+/// session; behind such a proxy the idle session of the first connection is handed to
+/// the second (or the first comes back on another one). The simple query protocol
+/// keeps the check itself free of prepared statements, which such a proxy mixes up
+/// between clients; if one is mixed up all the same, that is the answer too.
+pub(crate) async fn behind_transaction_pooling(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    match compare_sessions(pool).await {
+        Err(sqlx::Error::Database(db))
+            if matches!(
+                db.code().as_deref(),
+                Some(DUPLICATE_PREPARED_STATEMENT | INVALID_SQL_STATEMENT_NAME)
+            ) =>
+        {
+            Ok(true)
+        }
+        other => other,
+    }
+}
+
+/// SQLSTATEs of a prepared statement that exists where it should not, or not where it
+/// should: another client's statements ran in this server session.
+const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+
+async fn compare_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    const PID: &str = "SELECT pg_backend_pid()";
+    let mut first = pool.acquire().await?.detach();
+    let mut second = PgConnection::connect_with(&*pool.connect_options()).await?;
+    // A bare `&str` runs as a simple query: no prepared statement.
+    let before: i32 = first.fetch_one(PID).await?.try_get(0)?;
+    second.execute("BEGIN").await?;
+    let other: i32 = second.fetch_one(PID).await?.try_get(0)?;
+    let after: i32 = first.fetch_one(PID).await?.try_get(0)?;
+    second.execute("ROLLBACK").await?;
+    let _ = second.close().await;
+    let _ = first.close().await;
+    Ok(other == before || after != before)
+}
+
 impl SessionLocks {
-    /// One attempt: `Some` lease if the lock was free, `None` if held.
-    pub(crate) async fn try_grant(
+    /// Takes the lock, waiting in the server's queue as `deadline` allows: `Some`
+    /// lease if granted, `None` if still held when waiting ends.
+    pub(crate) async fn acquire(
         self: &Arc<Self>,
         pool: &PgPool,
         queries: &SessionQueries,
         req: &AcquireRequest,
         key: &str,
+        deadline: &WaitDeadline,
     ) -> Result<Option<Lease>, SessionError> {
         let conn = pool.acquire().await?;
-        let mut in_flight = InFlight { conn: Some(conn) };
-        let conn = in_flight.conn.as_deref_mut().expect("set above");
+        let mut in_flight = InFlight {
+            conn: Some(conn),
+            pool: pool.clone(),
+            session: None,
+        };
+        let timeout = if deadline.may_wait() {
+            lock_timeout(deadline)
+        } else {
+            None
+        };
+        let pid = match timeout {
+            None => {
+                let row = sqlx::query(&queries.try_lock)
+                    .bind(key)
+                    .fetch_one(in_flight.conn())
+                    .await?;
+                let (got, pid): (bool, i32) = (row.try_get(0)?, row.try_get(1)?);
+                if !got {
+                    // Nothing taken: the connection goes back to the pool.
+                    in_flight.conn.take();
+                    return Ok(None);
+                }
+                pid
+            }
+            Some(timeout) => {
+                let row = sqlx::query(&queries.prepare_wait)
+                    .bind(timeout)
+                    .fetch_one(in_flight.conn())
+                    .await?;
+                let (pid, started): (i32, i64) = (row.try_get(0)?, row.try_get(1)?);
+                in_flight.session = Some((pid, started));
+                let waited = sqlx::query(&queries.lock)
+                    .bind(key)
+                    .execute(in_flight.conn())
+                    .await;
+                match waited {
+                    Ok(_) => pid,
+                    Err(sqlx::Error::Database(db))
+                        if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+                    {
+                        // Not taken. The connection keeps its `lock_timeout`, so it
+                        // does not go back to the pool.
+                        if let Some(conn) = in_flight.conn.take() {
+                            let _ = conn.detach().close().await;
+                        }
+                        return Ok(None);
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        };
+        // Measured from the bump, not from the start of the wait: the lock was
+        // granted before it, and the TTL runs from here.
         let sent = Instant::now();
-        let row = sqlx::query(&queries.try_lock)
-            .bind(key)
-            .fetch_one(&mut *conn)
-            .await?;
-        let (got, pid): (bool, i32) = (row.try_get(0)?, row.try_get(1)?);
-        if !got {
-            // Nothing taken: the connection goes back to the pool.
-            in_flight.conn.take();
-            return Ok(None);
-        }
         let row = sqlx::query(&queries.bump)
             .bind(key)
             .bind(req.owner.as_str())
-            .fetch_one(&mut *conn)
+            .fetch_one(in_flight.conn())
             .await?;
         let (token, bumped_on): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
         if bumped_on != pid {
             // Dropping `in_flight` ends the session that holds the lock.
             return Err(SessionError::PoolingProxy);
         }
-        let held = Arc::new(Held {
-            key: key.to_owned(),
+        let token = u64::try_from(token).unwrap_or(0);
+        // Out of the pool for as long as the lock is held.
+        let conn = in_flight.conn.take().expect("settled here").detach();
+        self.insert(
+            req.owner.as_str(),
+            key,
             token,
-            pid,
-            // Out of the pool for as long as the lock is held.
-            conn: tokio::sync::Mutex::new(in_flight.conn.take().map(PoolConnection::detach)),
-            ends_at: Mutex::new(sent + req.ttl),
-            expiry: Mutex::new(None),
-        });
-        let owner = req.owner.as_str().to_owned();
-        locked(&self.held).insert(owner.clone(), Arc::clone(&held));
-        let expiry = tokio::spawn(Arc::clone(self).expire(owner, Arc::clone(&held)));
-        *locked(&held.expiry) = Some(expiry.abort_handle());
+            i64::from(pid),
+            conn,
+            sent + req.ttl,
+        );
         Ok(Some(Lease::new(
             req.name.clone(),
             req.owner.clone(),
-            FencingToken(u64::try_from(token).unwrap_or(0)),
+            FencingToken(token),
             valid_until(sent, req.ttl),
         )))
-    }
-
-    /// Ends `held` once its TTL passes without a renewal. Runs until then or until
-    /// the lock is released (which aborts it).
-    async fn expire(self: Arc<Self>, owner: String, held: Arc<Held>) {
-        loop {
-            let ends_at = *locked(&held.ends_at);
-            tokio::time::sleep_until(ends_at).await;
-            if *locked(&held.ends_at) <= Instant::now() {
-                break;
-            }
-        }
-        self.forget(&owner, &held);
-        close(held.conn.lock().await.take()).await;
-        tracing::debug!(
-            key = held.key,
-            store = STORE,
-            "session lock ran out its TTL"
-        );
-    }
-
-    /// Removes `held` from the table if it is still the entry of `owner`.
-    fn forget(&self, owner: &str, held: &Arc<Held>) {
-        let mut table = locked(&self.held);
-        if table
-            .get(owner)
-            .is_some_and(|entry| Arc::ptr_eq(entry, held))
-        {
-            table.remove(owner);
-        }
-    }
-
-    /// The entry of `lease`, if this backend still holds exactly that grant.
-    fn entry(&self, lease: &Lease, key: &str) -> Option<Arc<Held>> {
-        let table = locked(&self.held);
-        let held = table.get(lease.owner().as_str())?;
-        let same = held.key == key && u64::try_from(held.token).ok() == Some(lease.token().0);
-        same.then(|| Arc::clone(held))
-    }
-
-    /// Probes the lock's connection and extends its TTL.
-    pub(crate) async fn renew(
-        &self,
-        queries: &SessionQueries,
-        lease: &Lease,
-        key: &str,
-        ttl: Duration,
-    ) -> Result<Lease> {
-        let Some(held) = self.entry(lease, key) else {
-            return Err(not_ours(lease));
-        };
-        let mut conn = held.conn.lock().await;
-        let sent = Instant::now();
-        let probe = match conn.as_mut() {
-            Some(conn) => sqlx::query_scalar::<_, i32>(&queries.probe)
-                .fetch_one(conn)
-                .await
-                .ok(),
-            None => None,
-        };
-        if probe != Some(held.pid) {
-            // The connection died, or a proxy moved it to another server session:
-            // either way the session that held the lock is gone.
-            self.forget(lease.owner().as_str(), &held);
-            close(conn.take()).await;
-            return Err(session_ended(lease));
-        }
-        *locked(&held.ends_at) = sent + ttl;
-        Ok(lease.clone().renewed(valid_until(sent, ttl)))
-    }
-
-    /// Unlocks and closes the lock's connection; `Lost` if the lock was not held any
-    /// more. `Ok(None)` if this backend does not hold the lease.
-    pub(crate) async fn release(
-        &self,
-        queries: &SessionQueries,
-        lease: &Lease,
-        key: &str,
-    ) -> Option<Result<()>> {
-        let held = self.entry(lease, key)?;
-        self.forget(lease.owner().as_str(), &held);
-        if let Some(expiry) = locked(&held.expiry).take() {
-            expiry.abort();
-        }
-        let mut conn = held.conn.lock().await;
-        let unlocked = match conn.as_mut() {
-            Some(c) => sqlx::query_scalar::<_, bool>(&queries.release)
-                .bind(key)
-                .bind(lease.owner().as_str())
-                .bind(held.token)
-                .fetch_one(c)
-                .await
-                .ok(),
-            None => None,
-        };
-        close(conn.take()).await;
-        Some(if unlocked == Some(true) {
-            Ok(())
-        } else {
-            Err(session_ended(lease))
-        })
     }
 
     /// Releases a grant that another client holds (the contract lets anyone with the

@@ -1,0 +1,209 @@
+//! The session-mode locks one Postgres or MySQL backend holds: each on a connection
+//! of its own, ended when its TTL passes without a renewal, renewed by probing its
+//! connection, released by unlocking on it. The SQL of the probe and the unlock is the
+//! store's ([`SessionStatements`]); the bookkeeping is written once here.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fencelock_core::{Error, Lease, LossReason, Result, valid_until};
+use sqlx::Connection;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// A store's statements on the connection of a held session lock.
+pub(crate) trait SessionStatements: Send + Sync {
+    /// The connection type.
+    type Conn: Connection;
+
+    /// Whether `conn` is still server session `session` and holds the lock of `key`
+    /// (`false` also when the connection failed).
+    fn probe(
+        &self,
+        conn: &mut Self::Conn,
+        key: &str,
+        session: i64,
+    ) -> impl Future<Output = bool> + Send;
+
+    /// Clears the row of `owner` and `token` and frees the lock of `key`; whether the
+    /// lock was still held (`false` also when the connection failed).
+    fn unlock(
+        &self,
+        conn: &mut Self::Conn,
+        key: &str,
+        owner: &str,
+        token: u64,
+    ) -> impl Future<Output = bool> + Send;
+}
+
+/// The session locks a backend holds, by owner id.
+#[derive(Debug)]
+pub(crate) struct SessionLocks<C> {
+    store: &'static str,
+    held: Mutex<HashMap<String, Arc<Held<C>>>>,
+}
+
+/// One held session lock: its connection and when its TTL ends.
+#[derive(Debug)]
+struct Held<C> {
+    key: String,
+    token: u64,
+    /// The server session (Postgres `pg_backend_pid()`, MySQL `CONNECTION_ID()`).
+    session: i64,
+    conn: tokio::sync::Mutex<Option<C>>,
+    ends_at: Mutex<Instant>,
+    expiry: Mutex<Option<AbortHandle>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update is one assignment or map operation: poisoning leaves nothing
+    // half-done.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Ends the server session of `conn`, which frees its session locks.
+async fn close<C: Connection>(conn: Option<C>) {
+    if let Some(conn) = conn {
+        let _ = conn.close().await;
+    }
+}
+
+impl<C: Connection + 'static> SessionLocks<C> {
+    /// No locks yet, for `store` (its name in errors and logs).
+    pub(crate) fn new(store: &'static str) -> Self {
+        Self {
+            store,
+            held: Mutex::default(),
+        }
+    }
+
+    fn lost(&self, lease: &Lease, reason: LossReason) -> Error {
+        Error::Lost {
+            name: lease.name().clone(),
+            store: self.store,
+            token: lease.token(),
+            reason,
+        }
+    }
+
+    /// Records a lock just taken on `conn` (server session `session`) for `owner`,
+    /// and starts its TTL: the connection is closed at `ends_at` unless renewed.
+    pub(crate) fn insert(
+        self: &Arc<Self>,
+        owner: &str,
+        key: &str,
+        token: u64,
+        session: i64,
+        conn: C,
+        ends_at: Instant,
+    ) {
+        let held = Arc::new(Held {
+            key: key.to_owned(),
+            token,
+            session,
+            conn: tokio::sync::Mutex::new(Some(conn)),
+            ends_at: Mutex::new(ends_at),
+            expiry: Mutex::new(None),
+        });
+        locked(&self.held).insert(owner.to_owned(), Arc::clone(&held));
+        let expiry = tokio::spawn(Arc::clone(self).expire(owner.to_owned(), Arc::clone(&held)));
+        *locked(&held.expiry) = Some(expiry.abort_handle());
+    }
+
+    /// Ends `held` once its TTL passes without a renewal. Runs until then or until
+    /// the lock is released (which aborts it).
+    async fn expire(self: Arc<Self>, owner: String, held: Arc<Held<C>>) {
+        loop {
+            let ends_at = *locked(&held.ends_at);
+            tokio::time::sleep_until(ends_at).await;
+            if *locked(&held.ends_at) <= Instant::now() {
+                break;
+            }
+        }
+        self.forget(&owner, &held);
+        close(held.conn.lock().await.take()).await;
+        tracing::debug!(
+            key = held.key,
+            store = self.store,
+            "session lock ran out its TTL"
+        );
+    }
+
+    /// Removes `held` from the table if it is still the entry of `owner`.
+    fn forget(&self, owner: &str, held: &Arc<Held<C>>) {
+        let mut table = locked(&self.held);
+        if table
+            .get(owner)
+            .is_some_and(|entry| Arc::ptr_eq(entry, held))
+        {
+            table.remove(owner);
+        }
+    }
+
+    /// The entry of `lease`, if this backend still holds exactly that grant.
+    fn entry(&self, lease: &Lease, key: &str) -> Option<Arc<Held<C>>> {
+        let table = locked(&self.held);
+        let held = table.get(lease.owner().as_str())?;
+        (held.key == key && held.token == lease.token().0).then(|| Arc::clone(held))
+    }
+
+    /// Probes the lock's connection and extends its TTL.
+    pub(crate) async fn renew<S: SessionStatements<Conn = C>>(
+        &self,
+        statements: &S,
+        lease: &Lease,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<Lease> {
+        let Some(held) = self.entry(lease, key) else {
+            return Err(self.lost(lease, LossReason::NotOurs));
+        };
+        let mut conn = held.conn.lock().await;
+        let sent = Instant::now();
+        let alive = match conn.as_mut() {
+            Some(conn) => statements.probe(conn, key, held.session).await,
+            None => false,
+        };
+        if !alive {
+            // The connection died, or a proxy moved it to another server session:
+            // either way the session that held the lock is gone.
+            self.forget(lease.owner().as_str(), &held);
+            close(conn.take()).await;
+            return Err(self.lost(lease, LossReason::SessionEnded));
+        }
+        *locked(&held.ends_at) = sent + ttl;
+        Ok(lease.clone().renewed(valid_until(sent, ttl)))
+    }
+
+    /// Unlocks and closes the lock's connection; `Lost` if the lock was not held any
+    /// more. `None` if this backend does not hold the lease.
+    pub(crate) async fn release<S: SessionStatements<Conn = C>>(
+        &self,
+        statements: &S,
+        lease: &Lease,
+        key: &str,
+    ) -> Option<Result<()>> {
+        let held = self.entry(lease, key)?;
+        self.forget(lease.owner().as_str(), &held);
+        if let Some(expiry) = locked(&held.expiry).take() {
+            expiry.abort();
+        }
+        let mut conn = held.conn.lock().await;
+        let unlocked = match conn.as_mut() {
+            Some(c) => {
+                statements
+                    .unlock(c, key, lease.owner().as_str(), held.token)
+                    .await
+            }
+            None => false,
+        };
+        close(conn.take()).await;
+        Some(if unlocked {
+            Ok(())
+        } else {
+            Err(self.lost(lease, LossReason::SessionEnded))
+        })
+    }
+}
