@@ -12,6 +12,10 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== each SQL store feature alone"
+for feature in sqlite postgres mysql; do
+    cargo clippy -p fencelock-sql --no-default-features --features "$feature" -- -D warnings
+done
 echo "== facade without default features (feature-off errors)"
 cargo test -p fencelock --no-default-features --quiet
 echo "== doc tests"

@@ -13,6 +13,8 @@
 //!   its own that a test can pause or kill whole.
 //! - [`resource`]: a fenced resource in a SQLite file that worker processes share,
 //!   with a write log the checker reads.
+//! - [`skew`]: scenarios with clients whose wall clocks are two hours off, for the
+//!   SQL stores; run them with [`skew_tests!`].
 //! - [`broken`]: deliberately broken drivers, each breaking one rule, that the checker
 //!   must catch.
 //!
@@ -32,6 +34,7 @@ pub mod harness;
 pub mod history;
 pub mod proxy;
 pub mod resource;
+pub mod skew;
 pub mod suite;
 pub mod worker;
 

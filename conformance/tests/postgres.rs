@@ -104,155 +104,20 @@ mod session {
 /// Lease mode with clients whose wall clocks are two hours off (`faketime`): all
 /// expiry is the database's clock, so nothing changes.
 mod skewed_client_clock {
-    use std::path::{Path, PathBuf};
-    use std::time::Duration;
+    use std::path::Path;
+    use std::sync::Arc;
 
     use fencelock_conformance::harness::{Postgres, Server};
-    use fencelock_conformance::resource::SharedResource;
-    use fencelock_conformance::worker::{Acquired, Released, Worker, WorkerState};
-    use fencelock_core::{AcquireRequest, Error, LockBackend, LockName};
+    use fencelock_conformance::skew::SkewSetup;
     use fencelock_sql::PostgresBackend;
-    use tempfile::TempDir;
-    use tokio::time::Instant;
 
-    const TTL: Duration = Duration::from_secs(30);
-    const SKEW_SEEN: Duration = Duration::from_secs(3600);
-
-    /// A script that runs the worker under `faketime -f OFFSET`, with the monotonic
-    /// clock left alone (timers and the lease's local validity stay right).
-    fn skewed_worker_script(dir: &Path, offset: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let script = dir.join(format!("worker{offset}.sh"));
-        let body = format!(
-            "#!/bin/sh\nFAKETIME_DONT_FAKE_MONOTONIC=1 exec faketime -f '{offset}' '{}' \"$@\"\n",
-            env!("CARGO_BIN_EXE_fencelock-worker")
-        );
-        std::fs::write(&script, body).unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        script
-    }
-
-    struct Setup {
-        server: Postgres,
-        dir: TempDir,
-        resource: SharedResource,
-        normal: PostgresBackend,
-    }
-
-    async fn setup() -> Setup {
+    async fn setup() -> SkewSetup {
         let server = Postgres::start().await.expect("start postgres");
-        let dir = tempfile::tempdir().unwrap();
-        let resource = SharedResource::open(dir.path().join("resource.db"))
-            .await
-            .unwrap();
-        let normal = PostgresBackend::open(&server.url()).await.unwrap();
-        Setup {
-            server,
-            dir,
-            resource,
-            normal,
-        }
+        let url = server.url();
+        let normal = PostgresBackend::open(&url).await.unwrap();
+        let worker = Path::new(env!("CARGO_BIN_EXE_fencelock-worker"));
+        SkewSetup::new(server, url, Arc::new(normal), worker).await
     }
 
-    impl Setup {
-        async fn worker(&self, offset: &str) -> Worker {
-            let script = skewed_worker_script(self.dir.path(), offset);
-            Worker::spawn(
-                &script,
-                &format!("skewed{offset}"),
-                &self.server.url(),
-                self.resource.path(),
-            )
-            .await
-            .unwrap()
-        }
-
-        async fn try_lock(&self, lock: &str) -> fencelock_core::Result<fencelock_core::Lease> {
-            let name = LockName::new(lock).unwrap();
-            self.normal
-                .acquire(AcquireRequest::new(name, TTL).unwrap())
-                .await
-        }
-    }
-
-    /// The worker's wall clock really is `offset` away from ours: the times it
-    /// reports (its `SystemTime`, mapped to our clock) are over an hour off.
-    fn assert_skewed(requested: Instant, ahead: bool) {
-        let now = Instant::now();
-        if ahead {
-            assert!(
-                requested > now + SKEW_SEEN,
-                "the +2h worker's clock is not ahead"
-            );
-        } else {
-            assert!(
-                requested + SKEW_SEEN < now,
-                "the -2h worker's clock is not behind"
-            );
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_two_hours_behind_holds_its_lease_for_the_full_ttl() {
-        let setup = setup().await;
-        let mut behind = setup.worker("-2h").await;
-        let Acquired::Granted(grant) = behind.acquire("behind", TTL, Duration::ZERO).await.unwrap()
-        else {
-            panic!("the lock was free");
-        };
-        assert_skewed(grant.requested, false);
-        // By its clock the lease ended two hours ago; by the database's it holds.
-        assert!(matches!(
-            setup.try_lock("behind").await,
-            Err(Error::Contended { .. })
-        ));
-        let state = setup
-            .normal
-            .inspect(&LockName::new("behind").unwrap())
-            .await
-            .unwrap();
-        let state = state.expect("held");
-        assert_eq!(state.token, grant.token);
-        assert!(state.remaining.unwrap() > TTL / 2);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_two_hours_ahead_cannot_take_a_lease_it_thinks_expired() {
-        let setup = setup().await;
-        let held = setup.try_lock("ahead").await.unwrap();
-        let mut ahead = setup.worker("+2h").await;
-        match ahead.acquire("ahead", TTL, Duration::ZERO).await.unwrap() {
-            Acquired::Contended { requested, .. } => assert_skewed(requested, true),
-            other => panic!("a held lock was granted to the +2h client: {other:?}"),
-        }
-        setup.normal.release(&held).await.unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn renewals_of_skewed_clients_keep_their_leases() {
-        let setup = setup().await;
-        // A short TTL, held for more than three of them: only renewals keep it.
-        let ttl = Duration::from_secs(2);
-        for (offset, lock, ahead) in [("-2h", "renew-behind", false), ("+2h", "renew-ahead", true)]
-        {
-            let mut worker = setup.worker(offset).await;
-            let Acquired::Granted(grant) = worker.acquire(lock, ttl, Duration::ZERO).await.unwrap()
-            else {
-                panic!("the lock was free");
-            };
-            assert_skewed(grant.requested, ahead);
-            match worker.hold(ttl * 3 + ttl / 2).await.unwrap() {
-                WorkerState::Held { token, .. } => assert_eq!(token, grant.token),
-                other => panic!("the {offset} client lost its renewed lease: {other:?}"),
-            }
-            assert!(matches!(
-                setup.try_lock(lock).await,
-                Err(Error::Contended { .. })
-            ));
-            assert_eq!(
-                worker.release().await.unwrap(),
-                Released::Released { token: grant.token }
-            );
-        }
-    }
+    fencelock_conformance::skew_tests!(setup);
 }

@@ -38,15 +38,21 @@ mod backoff;
 #[cfg(feature = "sqlite")]
 mod config;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod fence;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod identifier;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod in_flight;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod lease;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod server_config;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod server_locks;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod session_table;
 #[cfg(feature = "sqlite")]

@@ -4,35 +4,46 @@
 //! against it from `fencelock-conformance`.)
 #![cfg(feature = "mysql")]
 
-use std::future::Future;
 use std::time::Duration;
 
 use fencelock_conformance::harness::{MariaDb, Server};
-use fencelock_conformance::proxy::{Fault, FaultProxy};
-use fencelock_core::{
-    AcquireRequest, Error, FenceGate, FencingToken, Lease, LeaseKind, LockBackend, LockName,
-    Locker, OwnerId, WaitKind, WaitPolicy,
-};
+use fencelock_core::{Error, FenceGate, LeaseKind, LockBackend, Locker, WaitKind, WaitPolicy};
 use fencelock_sql::{MySqlBackend, MySqlConfig, MySqlFenceGate, sqlx};
 use tokio::time::Instant;
 
-const MINUTE: Duration = Duration::from_secs(60);
-const HOUR: Duration = Duration::from_secs(3600);
+mod common;
 
-/// Runs a test body with a bound, so a hang fails instead of blocking CI.
-async fn bounded<F: Future>(body: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(90), body)
-        .await
-        .expect("the test finished within 90s")
+use common::{HOUR, MINUTE, ServerStore, bounded, name, request};
+
+/// The MySQL/MariaDB store, for the shared test bodies.
+struct MySql;
+
+impl ServerStore for MySql {
+    type Server = MariaDb;
+    type Backend = MySqlBackend;
+    type Gate = MySqlFenceGate;
+
+    const UNREACHABLE_URL: &'static str = "mysql://app:hunter2@127.0.0.1:1/db?connect_timeout=2s";
+    const UNREACHABLE_HINT: &'static str = "check that the MySQL/MariaDB server";
+
+    async fn start() -> MariaDb {
+        server().await
+    }
+
+    async fn open_url(url: &str) -> fencelock_core::Result<MySqlBackend> {
+        MySqlBackend::open(url).await
+    }
+
+    async fn migrate(backend: &MySqlBackend) -> fencelock_core::Result<()> {
+        backend.migrate().await
+    }
+
+    async fn fence_gate(backend: &MySqlBackend) -> MySqlFenceGate {
+        backend.fence_gate().await.unwrap()
+    }
 }
 
-fn name(text: &str) -> LockName {
-    LockName::new(text).unwrap()
-}
-
-fn request(lock: &str, ttl: Duration) -> AcquireRequest {
-    AcquireRequest::new(name(lock), ttl).unwrap()
-}
+common::server_store_tests!(MySql);
 
 /// Starts a MariaDB, retrying twice: `mariadb-install-db` sometimes fails when
 /// several run at once (temporary tables under `/tmp` vanish under it).
@@ -63,13 +74,6 @@ async fn open_never_polling(server: &MariaDb) -> MySqlBackend {
     MySqlBackend::connect(config).await.unwrap()
 }
 
-fn assert_lost(result: fencelock_core::Result<impl std::fmt::Debug>) {
-    match result {
-        Err(Error::Lost { .. }) => {}
-        other => panic!("expected Error::Lost, got {other:?}"),
-    }
-}
-
 /// Kills every other connection of the server, as an operator would with `KILL`;
 /// returns how many.
 async fn kill_other_sessions(operator: &MySqlBackend) -> usize {
@@ -94,21 +98,8 @@ async fn a_waiter_in_the_same_process_is_woken_by_a_release_not_by_its_poll() {
         let server = server().await;
         let backend = open_never_polling(&server).await;
         assert_eq!(backend.capabilities().wait, WaitKind::Poll);
-        for _ in 0..3 {
-            // The holder's TTL and the waiter's next poll are both an hour away: only
-            // the in-process wake on release can grant it.
-            let held = backend.acquire(request("handoff", HOUR)).await.unwrap();
-            let waiter = backend.clone();
-            let waiting = tokio::spawn(async move {
-                let req = request("handoff", MINUTE).with_wait(WaitPolicy::Until(HOUR));
-                waiter.acquire(req).await.unwrap()
-            });
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            backend.release(&held).await.unwrap();
-            let lease = waiting.await.unwrap();
-            assert!(lease.token() > held.token());
-            backend.release(&lease).await.unwrap();
-        }
+        // Only the in-process wake on release can grant it.
+        common::a_release_wakes_a_never_polling_waiter(&backend, &backend, "handoff").await;
     })
     .await;
 }
@@ -119,15 +110,7 @@ async fn a_waiter_in_another_client_gets_the_lock_by_polling_after_a_release() {
         let server = server().await;
         let a = open(&server).await;
         let b = open(&server).await;
-        let held = a.acquire(request("poll", HOUR)).await.unwrap();
-        let waiting = tokio::spawn(async move {
-            let req = request("poll", MINUTE).with_wait(WaitPolicy::Until(HOUR));
-            b.acquire(req).await.unwrap()
-        });
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        a.release(&held).await.unwrap();
-        // The holder's TTL is an hour: the grant can only come from polling the freed row.
-        assert!(waiting.await.unwrap().token() > held.token());
+        common::a_waiter_in_another_client_polls_after_a_release(&a, b).await;
     })
     .await;
 }
@@ -154,14 +137,17 @@ async fn a_waiter_wakes_when_the_holder_expires_without_releasing() {
         let server = server().await;
         let a = open(&server).await;
         let b = open_never_polling(&server).await;
-        // No release happens and b checks once an hour: only a pause capped by the
-        // holder's remaining time (by the database's clock) can grant it.
-        let ttl = Duration::from_millis(600);
-        let held = a.acquire(request("expire", ttl)).await.unwrap();
-        let req = request("expire", ttl).with_wait(WaitPolicy::Until(HOUR));
-        let lease = b.acquire(req).await.unwrap();
-        assert!(Instant::now() >= held.valid_until());
-        assert!(lease.token() > held.token());
+        common::a_waiter_wakes_when_the_holder_expires(&a, &b, 1).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_all_renews_several_leases_in_one_statement_and_reports_each_lost_one() {
+    bounded(async {
+        let server = server().await;
+        let backend = open(&server).await;
+        common::renew_all_renews_several_leases_and_reports_each_lost_one(&backend).await;
     })
     .await;
 }
@@ -188,54 +174,6 @@ async fn killed_sessions_do_not_lose_a_lease_and_nobody_else_gets_it() {
         let token = guard.token();
         guard.release().await.unwrap();
         assert!(b.acquire(request("killed", MINUTE)).await.unwrap().token() > token);
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_and_tokens_survive_a_server_killed_and_restarted() {
-    bounded(async {
-        let mut server = server().await;
-        let a = open(&server).await;
-        let released = a.acquire(request("crash/released", MINUTE)).await.unwrap();
-        a.release(&released).await.unwrap();
-        let held = a.acquire(request("crash/held", HOUR)).await.unwrap();
-        server.kill().unwrap();
-        server.restart(true).await.unwrap();
-        let b = open(&server).await;
-        // The held lease's row was committed: it is still held, by the same grant.
-        let state = b.inspect(&name("crash/held")).await.unwrap().unwrap();
-        assert_eq!(
-            (state.holder, state.token),
-            (held.owner().clone(), held.token())
-        );
-        assert!(matches!(
-            b.acquire(request("crash/held", MINUTE)).await,
-            Err(Error::Contended { .. })
-        ));
-        // The old client's pool reconnects; its lease is still its own.
-        a.renew(&held, HOUR).await.unwrap();
-        let next = b.acquire(request("crash/released", MINUTE)).await.unwrap();
-        assert!(next.token() > released.token());
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_keep_rising_after_the_server_loses_all_its_data() {
-    bounded(async {
-        let mut server = server().await;
-        let before = {
-            let a = open(&server).await;
-            let lease = a.acquire(request("wiped", MINUTE)).await.unwrap();
-            a.release(&lease).await.unwrap();
-            lease.token()
-        };
-        server.restart(false).await.unwrap();
-        let b = open(&server).await;
-        let after = b.acquire(request("wiped", MINUTE)).await.unwrap();
-        // The new row's counter is seeded from the database clock in microseconds.
-        assert!(after.token() > before, "{:?} <= {before:?}", after.token());
     })
     .await;
 }
@@ -279,179 +217,12 @@ async fn a_session_time_zone_changes_nothing_expiry_is_database_epoch_time() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renew_all_renews_several_leases_in_one_statement_and_reports_each_lost_one() {
-    bounded(async {
-        let server = server().await;
-        let backend = open(&server).await;
-        let short = Duration::from_millis(400);
-        let mut leases = Vec::new();
-        for lock in ["r/1", "r/2", "r/3"] {
-            leases.push(backend.acquire(request(lock, short)).await.unwrap());
-        }
-        let expired = backend
-            .acquire(request("r/expired", Duration::from_millis(20)))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let forged = Lease::new(
-            name("r/2"),
-            OwnerId::random(),
-            leases[1].token(),
-            Instant::now(),
-        );
-        let batch: Vec<(Lease, Duration)> = [
-            leases[0].clone(),
-            forged,
-            leases[1].clone(),
-            expired,
-            leases[2].clone(),
-        ]
-        .into_iter()
-        .map(|lease| (lease, MINUTE))
-        .collect();
-        let results = backend.renew_all(&batch).await;
-        assert_eq!(results.len(), 5);
-        for (i, result) in results.into_iter().enumerate() {
-            if i == 1 || i == 3 {
-                assert_lost(result);
-            } else {
-                assert_eq!(result.unwrap().token(), batch[i].0.token());
-            }
-        }
-        tokio::time::sleep(short + Duration::from_millis(100)).await;
-        for (lease, lock) in leases.iter().zip(["r/1", "r/2", "r/3"]) {
-            let state = backend
-                .inspect(&name(lock))
-                .await
-                .unwrap()
-                .expect("renewed");
-            assert_eq!(state.holder, *lease.owner());
-            assert!(state.remaining.unwrap() > Duration::from_secs(50));
-        }
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_backends_starting_at_once_on_an_empty_database_all_migrate() {
-    bounded(async {
-        let server = server().await;
-        let url = format!("{}?table=fresh_locks", server.url());
-        let starts: Vec<_> = (0..8)
-            .map(|_| {
-                let url = url.clone();
-                tokio::spawn(async move { MySqlBackend::open(&url).await })
-            })
-            .collect();
-        for start in starts {
-            let backend = start
-                .await
-                .unwrap()
-                .expect("every concurrent start succeeds");
-            backend.migrate().await.expect("migrate is idempotent");
-        }
-    })
-    .await;
-}
-
-/// Adds 1 to account 1 in `tx`, fenced by `token`.
-async fn fenced_write(
-    gate: &MySqlFenceGate,
-    tx: &mut sqlx::MySqlConnection,
-    token: u64,
-) -> fencelock_core::Result<()> {
-    gate.admit_in(&mut *tx, "account/1", FencingToken(token))
-        .await?;
-    sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fence_gate_commits_and_rolls_back_with_the_users_transaction() {
-    bounded(async {
-        let server = server().await;
-        let backend = open(&server).await;
-        let gate = backend.fence_gate().await.unwrap();
-        let pool = gate.pool().clone();
-        sqlx::query(
-            "CREATE TABLE accounts (id INT PRIMARY KEY, balance INT NOT NULL) ENGINE = InnoDB",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
-        sqlx::query("INSERT INTO accounts VALUES (1, 0)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        // Rolled back: neither the write nor the token stays.
-        let mut tx = pool.begin().await.unwrap();
-        fenced_write(&gate, &mut tx, 10).await.unwrap();
-        tx.rollback().await.unwrap();
-        assert_eq!(gate.highest("account/1").await.unwrap(), None);
-        // Committed: both stay.
-        let mut tx = pool.begin().await.unwrap();
-        fenced_write(&gate, &mut tx, 10).await.unwrap();
-        tx.commit().await.unwrap();
-        assert_eq!(
-            gate.highest("account/1").await.unwrap(),
-            Some(FencingToken(10))
-        );
-        // A higher token's open transaction holds the gate's row: a lower token waits
-        // for its commit and is then refused, its write never made.
-        let mut newer = pool.begin().await.unwrap();
-        fenced_write(&gate, &mut newer, 12).await.unwrap();
-        let stale = {
-            let (pool, gate) = (pool.clone(), gate.clone());
-            tokio::spawn(async move {
-                let mut tx = pool.begin().await.unwrap();
-                fenced_write(&gate, &mut tx, 11).await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            !stale.is_finished(),
-            "the lower token waited for the open transaction"
-        );
-        newer.commit().await.unwrap();
-        match stale.await.unwrap() {
-            Err(Error::StaleToken { token, highest, .. }) => {
-                assert_eq!((token, highest), (FencingToken(11), FencingToken(12)));
-            }
-            other => panic!("expected StaleToken, got {other:?}"),
-        }
-        let balance: i32 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = 1")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(balance, 2);
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_server_is_a_temporary_error_naming_the_host_never_the_password() {
-    bounded(async {
-        // Port 1 on loopback: nothing listens there.
-        let err = MySqlBackend::open("mysql://app:hunter2@127.0.0.1:1/db?connect_timeout=2s")
-            .await
-            .unwrap_err();
-        let text = err.to_string();
-        assert!(err.is_temporary(), "{text}");
-        assert!(
-            text.contains("127.0.0.1:1/db") && text.contains("check that the MySQL/MariaDB server"),
-            "{text}"
-        );
-        assert!(
-            !text.contains("hunter2") && !format!("{err:?}").contains("hunter2"),
-            "{text}"
-        );
-    })
-    .await;
-}
+common::fence_gate_transaction_test!(
+    gate: MySqlFenceGate,
+    conn: sqlx::MySqlConnection,
+    create_accounts: "CREATE TABLE accounts (id INT PRIMARY KEY, balance INT NOT NULL) \
+                      ENGINE = InnoDB",
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_a_killed_holder_session_is_lost_frees_the_lock_and_is_fenced() {
@@ -498,79 +269,6 @@ async fn session_mode_a_killed_holder_session_is_lost_frees_the_lock_and_is_fenc
         assert_eq!(
             (state.holder, state.token, state.remaining),
             (next.owner().clone(), next.token(), None)
-        );
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_mode_locks_do_not_hold_pool_connections_and_are_freed_on_release() {
-    bounded(async {
-        let server = server().await;
-        let url = format!("{}?mode=session&pool_size=1", server.url());
-        let a = MySqlBackend::open(&url).await.unwrap();
-        let b = MySqlBackend::open(&url).await.unwrap();
-        // Each held lock has a connection of its own, outside the pool of one.
-        let mut leases = Vec::new();
-        for i in 0..4 {
-            leases.push(a.acquire(request(&format!("s/{i}"), MINUTE)).await.unwrap());
-        }
-        for (i, lease) in leases.iter().enumerate() {
-            let lock = format!("s/{i}");
-            assert!(matches!(
-                b.acquire(request(&lock, MINUTE)).await,
-                Err(Error::Contended { .. })
-            ));
-            a.release(lease).await.unwrap();
-            assert!(b.acquire(request(&lock, MINUTE)).await.unwrap().token() > lease.token());
-        }
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_holder_cut_off_by_the_proxy_is_told_lost_and_fenced_after_a_takeover() {
-    bounded(async {
-        let server = server().await;
-        let proxy = FaultProxy::start(server.addr()).await.unwrap();
-        let cut_url = server
-            .url()
-            .replace(&server.addr().to_string(), &proxy.addr().to_string());
-        let cut_off = Locker::new(MySqlBackend::open(&cut_url).await.unwrap());
-        let other = open(&server).await;
-        let gate = other.fence_gate().await.unwrap();
-        let ttl = Duration::from_millis(900);
-        let guard = cut_off.lock("cut").ttl(ttl).await.unwrap();
-        let old = guard.lease().clone();
-        gate.admit("cut", old.token()).await.unwrap();
-        proxy.set(Fault::Blackhole);
-        // No renewal gets through: the holder is told its lock is lost once its
-        // validity has passed, and the database's clock frees the row.
-        let lost = guard.lost().await;
-        assert!(lost.is_lost(), "{lost:?}");
-        assert!(Instant::now() >= old.valid_until());
-        let next = other
-            .acquire(request("cut", MINUTE).with_wait(WaitPolicy::Until(MINUTE)))
-            .await
-            .unwrap();
-        assert!(next.token() > old.token());
-        gate.admit("cut", next.token()).await.unwrap();
-        assert!(matches!(
-            gate.admit("cut", old.token()).await,
-            Err(Error::StaleToken { .. })
-        ));
-        // Reconnected, the cut-off client can neither renew nor release the old grant,
-        // and the new holder keeps it.
-        proxy.set(Fault::Reset);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        proxy.set(Fault::Pass);
-        let backend = cut_off.backend();
-        assert_lost(backend.renew(&old, MINUTE).await);
-        assert_lost(backend.release(&old).await);
-        let state = other.inspect(&name("cut")).await.unwrap().unwrap();
-        assert_eq!(
-            (state.holder, state.token),
-            (next.owner().clone(), next.token())
         );
     })
     .await;

@@ -6,13 +6,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fencelock_core::{
-    AcquireRequest, Error, FenceGate, FencingToken, Lease, LockBackend, LockName, OwnerId,
-    WaitKind, WaitPolicy,
+    Error, FenceGate, FencingToken, Lease, LockBackend, OwnerId, WaitKind, WaitPolicy,
 };
 use fencelock_sql::{SqliteBackend, SqliteConfig, SqliteFenceGate};
 use sqlx::Row;
 use tempfile::TempDir;
 use tokio::time::Instant;
+
+mod common;
+
+use common::{HOUR, MINUTE, assert_lost, name, request};
 
 /// The database clock in ms, as the store computes it.
 const DB_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
@@ -24,14 +27,6 @@ async fn bounded<F: Future>(body: F) -> F::Output {
         .expect("the test finished within 30s")
 }
 
-fn name(text: &str) -> LockName {
-    LockName::new(text).unwrap()
-}
-
-fn request(lock: &str, ttl: Duration) -> AcquireRequest {
-    AcquireRequest::new(name(lock), ttl).unwrap()
-}
-
 fn db_path(dir: &TempDir) -> PathBuf {
     dir.path().join("locks.db")
 }
@@ -39,8 +34,6 @@ fn db_path(dir: &TempDir) -> PathBuf {
 async fn open(path: &Path) -> SqliteBackend {
     SqliteBackend::open(path).await.unwrap()
 }
-
-const MINUTE: Duration = Duration::from_secs(60);
 
 /// The stored `(owner, token)` of a row, read as an operator would.
 async fn row(backend: &SqliteBackend, key: &str) -> Option<(Option<String>, i64)> {
@@ -54,13 +47,6 @@ async fn row(backend: &SqliteBackend, key: &str) -> Option<(Option<String>, i64)
         .await
         .unwrap()
         .map(|row| (row.get(0), row.get(1)))
-}
-
-fn assert_lost(result: fencelock_core::Result<impl std::fmt::Debug>) {
-    match result {
-        Err(Error::Lost { .. }) => {}
-        other => panic!("expected Error::Lost, got {other:?}"),
-    }
 }
 
 fn assert_contended(result: fencelock_core::Result<Lease>) {
@@ -321,53 +307,7 @@ async fn renew_all_renews_several_leases_and_reports_each_lost_one_in_order() {
     bounded(async {
         let dir = TempDir::new().unwrap();
         let backend = open(&db_path(&dir)).await;
-        let short = Duration::from_millis(400);
-        let mut leases = Vec::new();
-        for lock in ["r/1", "r/2", "r/3"] {
-            leases.push(backend.acquire(request(lock, short)).await.unwrap());
-        }
-        let expired = backend
-            .acquire(request("r/expired", Duration::from_millis(20)))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let forged = Lease::new(
-            name("r/2"),
-            OwnerId::random(),
-            leases[1].token(),
-            Instant::now(),
-        );
-        let batch: Vec<(Lease, Duration)> = [
-            leases[0].clone(),
-            forged,
-            leases[1].clone(),
-            expired,
-            leases[2].clone(),
-        ]
-        .into_iter()
-        .map(|lease| (lease, MINUTE))
-        .collect();
-        let results = backend.renew_all(&batch).await;
-        assert_eq!(results.len(), 5);
-        for (i, result) in results.into_iter().enumerate() {
-            if i == 1 || i == 3 {
-                assert_lost(result);
-            } else {
-                let renewed = result.unwrap();
-                assert_eq!(renewed.token(), batch[i].0.token());
-                assert!(renewed.remaining() > Duration::from_secs(50));
-            }
-        }
-        tokio::time::sleep(short + Duration::from_millis(100)).await;
-        for (lease, lock) in leases.iter().zip(["r/1", "r/2", "r/3"]) {
-            let state = backend
-                .inspect(&name(lock))
-                .await
-                .unwrap()
-                .expect("renewed");
-            assert_eq!(state.holder, *lease.owner());
-            assert!(state.remaining.unwrap() > Duration::from_secs(50));
-        }
+        common::renew_all_renews_several_leases_and_reports_each_lost_one(&backend).await;
     })
     .await;
 }
@@ -405,28 +345,13 @@ async fn open_never_polling(path: &Path) -> SqliteBackend {
     SqliteBackend::connect(config).await.unwrap()
 }
 
-const HOUR: Duration = Duration::from_secs(3600);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_in_the_same_process_is_woken_by_a_release_not_by_its_poll() {
     bounded(async {
         let dir = TempDir::new().unwrap();
         let backend = open_never_polling(&db_path(&dir)).await;
-        for _ in 0..3 {
-            // The holder's TTL and the waiter's next poll are both far beyond the
-            // test's bound: only the in-process wake on release can grant it.
-            let held = backend.acquire(request("handoff", HOUR)).await.unwrap();
-            let waiter = backend.clone();
-            let waiting = tokio::spawn(async move {
-                let req = request("handoff", MINUTE).with_wait(WaitPolicy::Until(HOUR));
-                waiter.acquire(req).await.unwrap()
-            });
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            backend.release(&held).await.unwrap();
-            let lease = waiting.await.unwrap();
-            assert!(lease.token() > held.token());
-            backend.release(&lease).await.unwrap();
-        }
+        // Only the in-process wake on release can grant it.
+        common::a_release_wakes_a_never_polling_waiter(&backend, &backend, "handoff").await;
     })
     .await;
 }
@@ -437,16 +362,7 @@ async fn a_waiter_in_another_process_gets_the_lock_by_polling_after_a_release() 
         let dir = TempDir::new().unwrap();
         let a = open(&db_path(&dir)).await;
         let b = open(&db_path(&dir)).await;
-        let held = a.acquire(request("poll", HOUR)).await.unwrap();
-        let waiting = tokio::spawn(async move {
-            let req = request("poll", MINUTE).with_wait(WaitPolicy::Until(HOUR));
-            b.acquire(req).await.unwrap()
-        });
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        a.release(&held).await.unwrap();
-        // The holder's TTL is an hour: the grant can only come from polling the freed row.
-        let lease = waiting.await.unwrap();
-        assert!(lease.token() > held.token());
+        common::a_waiter_in_another_client_polls_after_a_release(&a, b).await;
     })
     .await;
 }
@@ -457,20 +373,7 @@ async fn a_waiter_wakes_when_the_holder_expires_without_releasing() {
         let dir = TempDir::new().unwrap();
         let a = open(&db_path(&dir)).await;
         let b = open_never_polling(&db_path(&dir)).await;
-        // b polls once an hour and no release happens: only a pause capped by the
-        // holder's remaining time can grant it within the test's bound.
-        let ttl = Duration::from_millis(600);
-        for _ in 0..3 {
-            let held = a.acquire(request("expire", ttl)).await.unwrap();
-            let req = request("expire", ttl).with_wait(WaitPolicy::Until(HOUR));
-            let lease = b.acquire(req).await.unwrap();
-            assert!(
-                Instant::now() >= held.valid_until(),
-                "granted before the holder's lease ended"
-            );
-            assert!(lease.token() > held.token());
-            b.release(&lease).await.unwrap();
-        }
+        common::a_waiter_wakes_when_the_holder_expires(&a, &b, 3).await;
     })
     .await;
 }

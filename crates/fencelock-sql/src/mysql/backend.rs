@@ -1,28 +1,26 @@
 //! [`LockBackend`] on MySQL and MariaDB: one lease row per lock name, polling
 //! waiters.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fencelock_core::{
-    AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
-    LockState, LossReason, OwnerId, Result, WaitDeadline, WaitKind, async_trait, valid_until,
-};
+#[cfg(doc)]
+use fencelock_core::LockBackend;
+use fencelock_core::wake::Wakers;
+use fencelock_core::{Error, OwnerId, Result, WaitKind};
 use sqlx::Row;
-use sqlx::mysql::{MySql, MySqlPool, MySqlRow};
+use sqlx::mysql::{MySql, MySqlConnection, MySqlPool};
 use sqlx::pool::PoolConnection;
 use tokio::time::Instant;
 
 use super::queries::LeaseQueries;
-use super::session::{SessionError, SessionLocks, SessionQueries, behind_transaction_pooling};
+use super::session::{SessionQueries, behind_transaction_pooling};
 use super::{STORE, create_table, db_error, is_lock_conflict, is_temporary, open_pool};
+use crate::lease::{Dialect, Freed, Granted, HolderRow, LeaseStore, Renewal, Renewed, Settings};
 use crate::server_config::LockMode;
-use crate::{MySqlConfig, MySqlFenceGate, backoff};
-use fencelock_core::wake::Wakers;
-
-use crate::in_flight::{InFlight, UndoAcquire};
+use crate::server_locks::ServerLocks;
+use crate::{MySqlConfig, MySqlFenceGate};
 
 /// Leases per `renew_all` statement: 4 placeholders each, far below MySQL's 65,535.
 const RENEW_BATCH: usize = 1000;
@@ -93,17 +91,8 @@ pub struct MySqlBackend {
 }
 
 struct Inner {
-    pool: MySqlPool,
+    locks: ServerLocks<LeaseQueries, SessionQueries>,
     config: MySqlConfig,
-    queries: LeaseQueries,
-    wakers: Wakers,
-    /// Set in [`LockMode::Session`].
-    session: Option<Session>,
-}
-
-struct Session {
-    locks: Arc<SessionLocks>,
-    queries: SessionQueries,
 }
 
 impl fmt::Debug for MySqlBackend {
@@ -147,17 +136,22 @@ impl MySqlBackend {
         create_table(&pool, &queries.create_table)
             .await
             .map_err(|err| db_error(context(&config, "create the lease table"), err))?;
-        let session = (config.mode == LockMode::Session).then(|| Session {
-            locks: Arc::new(SessionLocks::new(STORE)),
-            queries: SessionQueries::new(&config.table),
-        });
+        let session =
+            (config.mode == LockMode::Session).then(|| SessionQueries::new(&config.table));
+        let settings = Settings {
+            prefix: config.prefix.clone(),
+            poll: (config.poll_min, config.poll_max),
+            place: context(&config, ""),
+        };
+        let wakers = Arc::new(Wakers::default());
         Ok(Self {
             inner: Arc::new(Inner {
-                pool,
+                locks: ServerLocks::new(
+                    LeaseStore::new(pool, queries, wakers, settings),
+                    session,
+                    pooling_proxy(&config),
+                ),
                 config,
-                queries,
-                wakers: Wakers::default(),
-                session,
             }),
         })
     }
@@ -176,15 +170,16 @@ impl MySqlBackend {
     /// # Errors
     /// [`Error::Backend`] naming the server and table.
     pub async fn migrate(&self) -> Result<()> {
-        create_table(&self.inner.pool, &self.inner.queries.create_table)
+        let lease = self.locks().lease();
+        create_table(lease.pool(), &lease.dialect().create_table)
             .await
-            .map_err(|err| self.failed("create the lease table", err))
+            .map_err(|err| lease.failed("create the lease table", err))
     }
 
     /// The connection pool, for operator statements in tests and tools. Rows are
     /// keyed by [`MySqlConfig::prefix`] + the name.
     pub fn pool(&self) -> &MySqlPool {
-        &self.inner.pool
+        self.locks().lease().pool()
     }
 
     /// The name of the lease table.
@@ -199,200 +194,12 @@ impl MySqlBackend {
     /// # Errors
     /// [`Error::Backend`] if the table cannot be created.
     pub async fn fence_gate(&self) -> Result<MySqlFenceGate> {
-        MySqlFenceGate::with_pool(self.inner.pool.clone(), &self.inner.config.fence_table).await
+        MySqlFenceGate::with_pool(self.pool().clone(), &self.inner.config.fence_table).await
     }
 
-    fn key(&self, name: &LockName) -> String {
-        format!("{}{}", self.inner.config.prefix, name)
-    }
-
-    fn failed(&self, what: impl fmt::Display, err: sqlx::Error) -> Error {
-        db_error(context(&self.inner.config, what), err)
-    }
-
-    fn lost(lease: &Lease) -> Error {
-        Error::Lost {
-            name: lease.name().clone(),
-            store: STORE,
-            token: lease.token(),
-            reason: LossReason::NotOurs,
-        }
-    }
-
-    async fn connection(&self, what: String) -> Result<PoolConnection<MySql>> {
-        self.inner
-            .pool
-            .acquire()
-            .await
-            .map_err(|err| self.failed(what, err))
-    }
-
-    fn token_at(&self, row: &MySqlRow, column: usize, name: &LockName) -> Result<FencingToken> {
-        let what = || format!("read the token of `{name}`");
-        let value: i64 = row
-            .try_get(column)
-            .map_err(|err| self.failed(what(), err))?;
-        u64::try_from(value).map(FencingToken).map_err(|_| {
-            Error::backend(
-                STORE,
-                context(&self.inner.config, what()),
-                false,
-                format!("the stored token {value} is negative; fix or delete the row"),
-            )
-        })
-    }
-
-    /// Takes the lock in session mode, waiting in the server's queue as `deadline`
-    /// allows: `Some` lease if granted, `None` if still held when waiting ends.
-    async fn session_grant(
-        &self,
-        session: &Session,
-        req: &AcquireRequest,
-        key: &str,
-        deadline: &WaitDeadline,
-    ) -> Result<Option<Lease>> {
-        let attempt = session
-            .locks
-            .acquire(&self.inner.pool, &session.queries, req, key, deadline)
-            .await;
-        attempt.map_err(|err| match err {
-            SessionError::Sql(err) => self.failed(format_args!("acquire `{}`", req.name), err),
-            SessionError::PoolingProxy => Error::Unsupported {
-                store: STORE,
-                what: pooling_proxy(&self.inner.config),
-            },
-        })
-    }
-
-    /// One attempt to take the lock in lease mode: `Some` lease if granted, `None` if
-    /// held.
-    async fn try_grant(&self, req: &AcquireRequest, key: &str) -> Result<Option<Lease>> {
-        let mut conflicts = 0;
-        loop {
-            match self.grant_once(req, key).await {
-                // InnoDB may pick a new row's insert as a deadlock victim when many
-                // clients create it at once; it did nothing, so try again (bounded).
-                Err(err) if is_lock_conflict(&err) && conflicts < LOCK_CONFLICT_RETRIES => {
-                    conflicts += 1;
-                    tokio::time::sleep(backoff::jittered(Duration::from_millis(2 << conflicts)))
-                        .await;
-                }
-                result => {
-                    return result
-                        .map_err(|err| self.failed(format_args!("acquire `{}`", req.name), err));
-                }
-            }
-        }
-    }
-
-    async fn grant_once(
-        &self,
-        req: &AcquireRequest,
-        key: &str,
-    ) -> Result<Option<Lease>, sqlx::Error> {
-        let conn = self.inner.pool.acquire().await?;
-        let mut in_flight = InFlight {
-            backend: self,
-            key,
-            owner: &req.owner,
-            conn: Some(conn),
-        };
-        let sent = Instant::now();
-        let done = sqlx::query(&self.inner.queries.acquire)
-            .bind(key.as_bytes())
-            .bind(req.owner.as_str())
-            .bind(micros_ceil(req.ttl))
-            .execute(in_flight.connection())
-            .await?;
-        in_flight.settle();
-        // The statement leaves the new token in LAST_INSERT_ID, or 0 when refused.
-        let token = done.last_insert_id();
-        if token == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Lease::new(
-            req.name.clone(),
-            req.owner.clone(),
-            FencingToken(token),
-            valid_until(sent, req.ttl),
-        )))
-    }
-
-    async fn holder(&self, key: &str, name: &LockName) -> Result<Option<LockState>> {
-        let read = |err| self.failed(format_args!("read the holder of `{name}`"), err);
-        if let Some(session) = &self.inner.session {
-            return SessionLocks::holder(&self.inner.pool, &session.queries, key)
-                .await
-                .map_err(read);
-        }
-        let row = sqlx::query(&self.inner.queries.holder)
-            .bind(key.as_bytes())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(read)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        // Read as bytes: sqlx calls the ascii_bin column binary.
-        let owner: Vec<u8> = row.try_get(0).map_err(read)?;
-        let owner = String::from_utf8_lossy(&owner).into_owned();
-        let remaining_us: i64 = row.try_get(2).map_err(read)?;
-        Ok(Some(LockState {
-            holder: OwnerId::from_stored(owner),
-            token: self.token_at(&row, 1, name)?,
-            remaining: Some(Duration::from_micros(
-                u64::try_from(remaining_us).unwrap_or(0),
-            )),
-        }))
-    }
-
-    /// The renewal statement of [`renew_all`](LockBackend::renew_all): when it was
-    /// sent and the `(key, owner, token)` of every row it renewed.
-    async fn renew_storable(
-        &self,
-        leases: &[(&Lease, Duration, i64)],
-    ) -> Result<(Instant, HashSet<(Vec<u8>, Vec<u8>, i64)>), sqlx::Error> {
-        let keys: Vec<String> = leases.iter().map(|(l, ..)| self.key(l.name())).collect();
-        let sql = self.inner.queries.renew_many(leases.len());
-        let mut query = sqlx::query(&sql);
-        for (key, (lease, ttl, token)) in keys.iter().zip(leases) {
-            query = query
-                .bind(key.as_bytes())
-                .bind(lease.owner().as_str())
-                .bind(*token)
-                .bind(micros_ceil(*ttl));
-        }
-        let mut conn = self.inner.pool.acquire().await?;
-        let sent = Instant::now();
-        let done = query.persistent(false).execute(&mut *conn).await?;
-        if done.rows_affected() == leases.len() as u64 {
-            // Every lease was renewed (rows are counted when matched, changed or not).
-            let all = keys
-                .into_iter()
-                .zip(leases)
-                .map(|(key, (lease, _, token))| {
-                    (
-                        key.into_bytes(),
-                        lease.owner().as_str().as_bytes().to_vec(),
-                        *token,
-                    )
-                })
-                .collect();
-            return Ok((sent, all));
-        }
-        // Some were not ours any more: the live rows that are ours were renewed just
-        // now; one renewed and expired since is reported lost, which is safe.
-        let sql = self.inner.queries.live_among(keys.len());
-        let mut query = sqlx::query(&sql);
-        for key in &keys {
-            query = query.bind(key.as_bytes());
-        }
-        let rows = query.persistent(false).fetch_all(&mut *conn).await?;
-        let live = rows
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
-        Ok((sent, live))
+    /// The locks, in lease or session mode.
+    fn locks(&self) -> &ServerLocks<LeaseQueries, SessionQueries> {
+        &self.inner.locks
     }
 }
 
@@ -416,197 +223,145 @@ fn context(config: &MySqlConfig, what: impl fmt::Display) -> String {
     )
 }
 
-#[async_trait]
-impl LockBackend for MySqlBackend {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            store: STORE,
-            fencing: true,
-            fifo: false,
-            // In session mode the server's queue wakes the waiter.
-            wait: if self.inner.session.is_some() {
-                WaitKind::Notify
-            } else {
-                WaitKind::Poll
-            },
-            lease: if self.inner.session.is_some() {
-                LeaseKind::Session
-            } else {
-                LeaseKind::Ttl
-            },
-            shared_between_processes: true,
-        }
-    }
+crate::server_locks::lock_backend_on_server_locks!(MySqlBackend);
 
-    async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
-        let key = self.key(&req.name);
-        let deadline = WaitDeadline::start(req.wait);
-        if let Some(session) = &self.inner.session {
-            // The server's queue does the waiting.
-            return self
-                .session_grant(session, &req, &key, &deadline)
-                .await?
-                .ok_or_else(|| deadline.give_up(&req.name, STORE));
-        }
-        if !deadline.may_wait() {
-            return self
-                .try_grant(&req, &key)
-                .await?
-                .ok_or_else(|| deadline.give_up(&req.name, STORE));
-        }
-        let waiter = self.inner.wakers.join(&key);
-        let (poll_min, poll_max) = (self.inner.config.poll_min, self.inner.config.poll_max);
-        let mut backoff = poll_min;
-        loop {
-            // Made before the attempt, so a release between the attempt and the sleep
-            // still wakes this waiter.
-            let woken = waiter.notify().notified();
-            if let Some(lease) = self.try_grant(&req, &key).await? {
-                return Ok(lease);
-            }
-            if deadline.passed() {
-                return Err(deadline.give_up(&req.name, STORE));
-            }
-            let Some(holder) = self.holder(&key, &req.name).await? else {
-                continue; // Freed since the attempt: try again at once.
-            };
-            let held_for = holder.remaining.unwrap_or(poll_max);
-            let pause = backoff::pause(backoff, held_for);
-            backoff = (backoff * 2).min(poll_max);
-            tokio::select! {
-                () = woken => {}
-                () = tokio::time::sleep_until(deadline.cap(Instant::now() + pause)) => {}
-            }
-        }
-    }
-
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        if let Some(session) = &self.inner.session {
-            let key = self.key(lease.name());
-            return session
-                .locks
-                .renew(&session.queries, lease, &key, ttl)
-                .await;
-        }
-        let Some(token) = stored_token(lease) else {
-            return Err(Self::lost(lease));
-        };
-        let mut conn = self.connection(format!("renew `{}`", lease.name())).await?;
-        let sent = Instant::now();
-        let done = sqlx::query(&self.inner.queries.renew)
-            .bind(micros_ceil(ttl))
-            .bind(self.key(lease.name()).into_bytes())
-            .bind(lease.owner().as_str())
-            .bind(token)
-            .execute(&mut *conn)
-            .await
-            .map_err(|err| self.failed(format_args!("renew `{}`", lease.name()), err))?;
-        if done.rows_affected() == 0 {
-            return Err(Self::lost(lease));
-        }
-        Ok(lease.clone().renewed(valid_until(sent, ttl)))
-    }
-
-    async fn renew_all(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
-        if self.inner.session.is_some() {
-            // One probe per held connection: there is nothing to batch.
-            let renewals = leases.iter().map(|(lease, ttl)| self.renew(lease, *ttl));
-            return futures_util::future::join_all(renewals).await;
-        }
-        let mut results = Vec::with_capacity(leases.len());
-        for batch in leases.chunks(RENEW_BATCH) {
-            results.extend(self.renew_batch(batch).await);
-        }
-        results
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<()> {
-        let key = self.key(lease.name());
-        if let Some(session) = &self.inner.session {
-            let released = match session.locks.release(&session.queries, lease, &key).await {
-                Some(released) => released,
-                None => {
-                    let queries = &session.queries;
-                    SessionLocks::release_elsewhere(&self.inner.pool, queries, lease, &key)
-                        .await
-                        .map_err(|err| {
-                            self.failed(format_args!("release `{}`", lease.name()), err)
-                        })?
-                        .then_some(())
-                        .ok_or_else(|| Self::lost(lease))
-                }
-            };
-            self.inner.wakers.wake(&key);
-            return released;
-        }
-        let Some(token) = stored_token(lease) else {
-            return Err(Self::lost(lease));
-        };
-        let done = sqlx::query(&self.inner.queries.release)
-            .bind(key.as_bytes())
-            .bind(lease.owner().as_str())
-            .bind(token)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|err| self.failed(format_args!("release `{}`", lease.name()), err))?;
-        if done.rows_affected() == 0 {
-            // Not ours, or ours but expired (and so free already).
-            return Err(Self::lost(lease));
-        }
-        self.inner.wakers.wake(&key);
-        Ok(())
-    }
-
-    async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
-        self.holder(&self.key(name), name).await
-    }
-}
-
-impl MySqlBackend {
-    /// Renews up to [`RENEW_BATCH`] leases in one statement.
-    async fn renew_batch(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
-        // A token that does not fit BIGINT was never granted here: not ours.
-        let storable: Vec<(&Lease, Duration, i64)> = leases
-            .iter()
-            .filter_map(|(lease, ttl)| Some((lease, *ttl, stored_token(lease)?)))
-            .collect();
-        let renewed = if storable.is_empty() {
-            Ok((Instant::now(), HashSet::new()))
-        } else {
-            self.renew_storable(&storable).await
-        };
-        let renewed = renewed.map_err(Arc::new);
-        leases
-            .iter()
-            .map(|(lease, ttl)| match &renewed {
-                Ok((sent, rows)) => {
-                    let row = stored_token(lease).map(|token| {
-                        (
-                            self.key(lease.name()).into_bytes(),
-                            lease.owner().as_str().as_bytes().to_vec(),
-                            token,
-                        )
-                    });
-                    if row.is_some_and(|row| rows.contains(&row)) {
-                        Ok(lease.clone().renewed(valid_until(*sent, *ttl)))
-                    } else {
-                        Err(Self::lost(lease))
-                    }
-                }
-                Err(err) => Err(Error::backend(
-                    STORE,
-                    context(&self.inner.config, format_args!("renew `{}`", lease.name())),
-                    is_temporary(err),
-                    Arc::clone(err),
-                )),
-            })
-            .collect()
-    }
-}
-
-impl UndoAcquire for MySqlBackend {
+/// MySQL's lease SQL: keys are bound as bytes (the column is binary), the token comes
+/// back through `LAST_INSERT_ID(expr)`, a release or renewal reports only how many rows
+/// it matched, and InnoDB's deadlock victims are re-run.
+impl Dialect for LeaseQueries {
     type Db = MySql;
     const STORE: &'static str = STORE;
+    const WAIT: WaitKind = WaitKind::Poll;
+    const RENEW_BATCH: usize = RENEW_BATCH;
+    const LOCK_CONFLICT_RETRIES: u32 = LOCK_CONFLICT_RETRIES;
+
+    fn is_temporary(err: &sqlx::Error) -> bool {
+        is_temporary(err)
+    }
+
+    fn is_lock_conflict(err: &sqlx::Error) -> bool {
+        is_lock_conflict(err)
+    }
+
+    async fn acquire(
+        &self,
+        conn: &mut MySqlConnection,
+        key: &str,
+        owner: &OwnerId,
+        ttl: Duration,
+    ) -> Result<Option<Granted>, sqlx::Error> {
+        let done = sqlx::query(&self.acquire)
+            .bind(key.as_bytes())
+            .bind(owner.as_str())
+            .bind(micros_ceil(ttl))
+            .execute(conn)
+            .await?;
+        // The statement leaves the new token in LAST_INSERT_ID, or 0 when refused.
+        let token = done.last_insert_id();
+        Ok((token != 0).then_some(Granted::Minted(token)))
+    }
+
+    async fn holder(&self, pool: &MySqlPool, key: &str) -> Result<Option<HolderRow>, sqlx::Error> {
+        let row = sqlx::query(&self.holder)
+            .bind(key.as_bytes())
+            .fetch_optional(pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        // Read as bytes: sqlx calls the ascii_bin column binary.
+        let owner: Vec<u8> = row.try_get(0)?;
+        let owner = String::from_utf8_lossy(&owner).into_owned();
+        let remaining_us: i64 = row.try_get(2)?;
+        Ok(Some(HolderRow {
+            owner,
+            token: row.try_get(1),
+            remaining: Duration::from_micros(u64::try_from(remaining_us).unwrap_or(0)),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        conn: &mut MySqlConnection,
+        key: &str,
+        owner: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&self.renew)
+            .bind(micros_ceil(ttl))
+            .bind(key.as_bytes())
+            .bind(owner)
+            .bind(token)
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn renew_many(
+        &self,
+        pool: &MySqlPool,
+        leases: &[Renewal<'_>],
+    ) -> Result<(Instant, Renewed), sqlx::Error> {
+        let sql = self.renew_many(leases.len());
+        let mut query = sqlx::query(&sql);
+        for (key, owner, token, ttl) in leases {
+            query = query
+                .bind(key.as_bytes())
+                .bind(*owner)
+                .bind(*token)
+                .bind(micros_ceil(*ttl));
+        }
+        let mut conn = pool.acquire().await?;
+        let sent = Instant::now();
+        let done = query.persistent(false).execute(&mut *conn).await?;
+        if done.rows_affected() == leases.len() as u64 {
+            // Every lease was renewed (rows are counted when matched, changed or not).
+            let all = leases
+                .iter()
+                .map(|(key, owner, token, _)| (key.clone(), (*owner).to_owned(), *token))
+                .collect();
+            return Ok((sent, all));
+        }
+        // Some were not ours any more: the live rows that are ours were renewed just
+        // now; one renewed and expired since is reported lost, which is safe.
+        let sql = self.live_among(leases.len());
+        let mut query = sqlx::query(&sql);
+        for (key, ..) in leases {
+            query = query.bind(key.as_bytes());
+        }
+        let rows = query.persistent(false).fetch_all(&mut *conn).await?;
+        let mut live = Renewed::new();
+        for row in &rows {
+            let (key, owner): (Vec<u8>, Vec<u8>) = (row.try_get(0)?, row.try_get(1)?);
+            // A key or owner that is not UTF-8 is none of ours.
+            if let (Ok(key), Ok(owner)) = (String::from_utf8(key), String::from_utf8(owner)) {
+                live.insert((key, owner, row.try_get(2)?));
+            }
+        }
+        Ok((sent, live))
+    }
+
+    async fn release(
+        &self,
+        pool: &MySqlPool,
+        key: &str,
+        owner: &str,
+        token: i64,
+    ) -> Result<Freed, sqlx::Error> {
+        let done = sqlx::query(&self.release)
+            .bind(key.as_bytes())
+            .bind(owner)
+            .bind(token)
+            .execute(pool)
+            .await?;
+        // Not ours, or ours but expired (and so free already).
+        Ok(if done.rows_affected() == 0 {
+            Freed::NotOurs
+        } else {
+            Freed::Ours(Ok(true))
+        })
+    }
 
     async fn free_by_owner(
         &self,
@@ -614,22 +369,13 @@ impl UndoAcquire for MySqlBackend {
         key: &str,
         owner: &OwnerId,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(&self.inner.queries.free_by_owner)
+        let done = sqlx::query(&self.free_by_owner)
             .bind(key.as_bytes())
             .bind(owner.as_str())
             .execute(&mut **conn)
             .await?;
         Ok(done.rows_affected() > 0)
     }
-
-    fn wake(&self, key: &str) {
-        self.inner.wakers.wake(key);
-    }
-}
-
-/// The token as stored; `None` if it cannot have come from this store.
-fn stored_token(lease: &Lease) -> Option<i64> {
-    i64::try_from(lease.token().0).ok()
 }
 
 /// A TTL in whole microseconds, rounded up so the store never grants less than asked.

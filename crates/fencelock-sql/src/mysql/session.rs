@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::STORE;
 use crate::in_flight::end_dropped_wait;
+use crate::server_locks::{SessionError, SessionMode};
 use crate::session_table::SessionStatements;
 
 /// The statements of session mode on one lease table.
@@ -207,13 +208,15 @@ fn wait_seconds(deadline: &WaitDeadline) -> f64 {
     }
 }
 
-impl SessionLocks {
+impl SessionMode for SessionQueries {
+    type Db = MySql;
+
     /// Takes the lock, waiting in the server's queue as `deadline` allows: `Some`
     /// lease if granted, `None` if still held when waiting ends.
-    pub(crate) async fn acquire(
-        self: &Arc<Self>,
+    async fn acquire(
+        &self,
+        locks: &Arc<SessionLocks>,
         pool: &MySqlPool,
-        queries: &SessionQueries,
         req: &AcquireRequest,
         key: &str,
         deadline: &WaitDeadline,
@@ -231,7 +234,7 @@ impl SessionLocks {
                 .await?;
             in_flight.session = Some(id);
         }
-        let row = sqlx::query(&queries.lock)
+        let row = sqlx::query(&self.lock)
             .bind(key.as_bytes())
             .bind(seconds)
             .fetch_one(in_flight.conn())
@@ -245,13 +248,13 @@ impl SessionLocks {
         // Measured from the bump, not from the start of the wait: the lock was
         // granted before it, and the TTL runs from here.
         let sent = Instant::now();
-        let token = sqlx::query(&queries.bump)
+        let token = sqlx::query(&self.bump)
             .bind(key.as_bytes())
             .bind(req.owner.as_str())
             .execute(in_flight.conn())
             .await?
             .last_insert_id();
-        let ours: i64 = sqlx::query_scalar(&queries.probe)
+        let ours: i64 = sqlx::query_scalar(&self.probe)
             .bind(key.as_bytes())
             .fetch_one(in_flight.conn())
             .await?;
@@ -263,7 +266,7 @@ impl SessionLocks {
         // Out of the pool for as long as the lock is held.
         let conn = in_flight.conn.take().expect("settled here").detach();
         let session = id.and_then(|id| i64::try_from(id).ok()).unwrap_or(0);
-        self.insert(
+        locks.insert(
             req.owner.as_str(),
             key,
             token,
@@ -282,9 +285,9 @@ impl SessionLocks {
     /// Releases a grant that another client holds (the contract lets anyone with the
     /// lease release it): kills the server session that holds it, if the lease table
     /// says that session holds this very grant.
-    pub(crate) async fn release_elsewhere(
+    async fn release_elsewhere(
+        &self,
         pool: &MySqlPool,
-        queries: &SessionQueries,
         lease: &Lease,
         key: &str,
     ) -> Result<bool, sqlx::Error> {
@@ -292,7 +295,7 @@ impl SessionLocks {
             return Ok(false);
         };
         let mut conn = pool.acquire().await?;
-        let session: Option<i64> = sqlx::query_scalar(&queries.holder_session)
+        let session: Option<i64> = sqlx::query_scalar(&self.holder_session)
             .bind(key.as_bytes())
             .bind(key.as_bytes())
             .bind(lease.owner().as_str())
@@ -306,7 +309,7 @@ impl SessionLocks {
         sqlx::query(&format!("KILL {session}"))
             .execute(&mut *conn)
             .await?;
-        sqlx::query(&queries.clear_owner)
+        sqlx::query(&self.clear_owner)
             .bind(key.as_bytes())
             .bind(lease.owner().as_str())
             .bind(token)
@@ -316,12 +319,8 @@ impl SessionLocks {
     }
 
     /// The holder of `key` per the lease table, if a session holds its lock now.
-    pub(crate) async fn holder(
-        pool: &MySqlPool,
-        queries: &SessionQueries,
-        key: &str,
-    ) -> Result<Option<LockState>, sqlx::Error> {
-        let row = sqlx::query(&queries.holder)
+    async fn holder(&self, pool: &MySqlPool, key: &str) -> Result<Option<LockState>, sqlx::Error> {
+        let row = sqlx::query(&self.holder)
             .bind(key.as_bytes())
             .bind(key.as_bytes())
             .fetch_optional(pool)
@@ -358,19 +357,4 @@ async fn unlock(
         .bind(key.as_bytes())
         .fetch_one(conn)
         .await
-}
-
-/// Why a session-mode attempt failed.
-#[derive(Debug)]
-pub(crate) enum SessionError {
-    /// A statement failed.
-    Sql(sqlx::Error),
-    /// The lock was not held by the server session that took it.
-    PoolingProxy,
-}
-
-impl From<sqlx::Error> for SessionError {
-    fn from(err: sqlx::Error) -> Self {
-        Self::Sql(err)
-    }
 }

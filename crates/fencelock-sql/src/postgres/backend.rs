@@ -1,29 +1,27 @@
 //! [`LockBackend`] on Postgres: one lease row per lock name, waiters woken by
 //! `LISTEN/NOTIFY`.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fencelock_core::{
-    AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
-    LockState, LossReason, OwnerId, Result, WaitDeadline, WaitKind, async_trait, valid_until,
-};
+#[cfg(doc)]
+use fencelock_core::LockBackend;
+use fencelock_core::wake::Wakers;
+use fencelock_core::{Error, OwnerId, Result, WaitKind};
 use sqlx::Row;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPool, PgRow, Postgres};
+use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use tokio::time::Instant;
 
 use super::notify::Listener;
 use super::queries::LeaseQueries;
-use super::session::{SessionError, SessionLocks, SessionQueries, behind_transaction_pooling};
+use super::session::{SessionQueries, behind_transaction_pooling};
 use super::{STORE, create_table, db_error, is_temporary, open_pool};
+use crate::lease::{Dialect, Freed, Granted, HolderRow, LeaseStore, Renewal, Renewed, Settings};
 use crate::server_config::LockMode;
-use crate::{PostgresConfig, PostgresFenceGate, backoff};
-use fencelock_core::wake::Wakers;
-
-use crate::in_flight::{InFlight, UndoAcquire};
+use crate::server_locks::ServerLocks;
+use crate::{PostgresConfig, PostgresFenceGate};
 
 /// Locks in a Postgres table, shared by every client of the database.
 ///
@@ -87,18 +85,9 @@ pub struct PostgresBackend {
 }
 
 struct Inner {
-    pool: PgPool,
+    locks: ServerLocks<LeaseQueries, SessionQueries>,
     config: PostgresConfig,
-    queries: LeaseQueries,
-    wakers: Arc<Wakers>,
-    /// Set in [`LockMode::Session`].
-    session: Option<Session>,
     _listener: Listener,
-}
-
-struct Session {
-    locks: Arc<SessionLocks>,
-    queries: SessionQueries,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -148,17 +137,21 @@ impl PostgresBackend {
         let listener = Listener::start(&pool, &config.table, Arc::clone(&wakers))
             .await
             .map_err(|err| db_error(context(&config, "listen for releases"), err))?;
-        let session = (config.mode == LockMode::Session).then(|| Session {
-            locks: Arc::new(SessionLocks::new(STORE)),
-            queries: SessionQueries::new(&config.table),
-        });
+        let session =
+            (config.mode == LockMode::Session).then(|| SessionQueries::new(&config.table));
+        let settings = Settings {
+            prefix: config.prefix.clone(),
+            poll: (config.poll_min, config.poll_max),
+            place: context(&config, ""),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
-                pool,
+                locks: ServerLocks::new(
+                    LeaseStore::new(pool, queries, wakers, settings),
+                    session,
+                    pooling_proxy(&config),
+                ),
                 config,
-                queries,
-                wakers,
-                session,
                 _listener: listener,
             }),
         })
@@ -178,15 +171,16 @@ impl PostgresBackend {
     /// # Errors
     /// [`Error::Backend`] naming the server and table.
     pub async fn migrate(&self) -> Result<()> {
-        create_table(&self.inner.pool, &self.inner.queries.create_table)
+        let lease = self.locks().lease();
+        create_table(lease.pool(), &lease.dialect().create_table)
             .await
-            .map_err(|err| self.failed("create the lease table", err))
+            .map_err(|err| lease.failed("create the lease table", err))
     }
 
     /// The connection pool, for operator statements in tests and tools. Rows are
     /// keyed by [`PostgresConfig::prefix`] + the name.
     pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
+        self.locks().lease().pool()
     }
 
     /// The name of the lease table.
@@ -201,153 +195,12 @@ impl PostgresBackend {
     /// # Errors
     /// [`Error::Backend`] if the table cannot be created.
     pub async fn fence_gate(&self) -> Result<PostgresFenceGate> {
-        PostgresFenceGate::with_pool(self.inner.pool.clone(), &self.inner.config.fence_table).await
+        PostgresFenceGate::with_pool(self.pool().clone(), &self.inner.config.fence_table).await
     }
 
-    fn key(&self, name: &LockName) -> String {
-        format!("{}{}", self.inner.config.prefix, name)
-    }
-
-    fn failed(&self, what: impl fmt::Display, err: sqlx::Error) -> Error {
-        db_error(context(&self.inner.config, what), err)
-    }
-
-    fn lost(lease: &Lease) -> Error {
-        Error::Lost {
-            name: lease.name().clone(),
-            store: STORE,
-            token: lease.token(),
-            reason: LossReason::NotOurs,
-        }
-    }
-
-    async fn connection(&self, what: String) -> Result<PoolConnection<Postgres>> {
-        self.inner
-            .pool
-            .acquire()
-            .await
-            .map_err(|err| self.failed(what, err))
-    }
-
-    fn token_at(&self, row: &PgRow, column: usize, name: &LockName) -> Result<FencingToken> {
-        let what = || format!("read the token of `{name}`");
-        let value: i64 = row
-            .try_get(column)
-            .map_err(|err| self.failed(what(), err))?;
-        u64::try_from(value).map(FencingToken).map_err(|_| {
-            Error::backend(
-                STORE,
-                context(&self.inner.config, what()),
-                false,
-                format!("the stored token {value} is negative; fix or delete the row"),
-            )
-        })
-    }
-
-    /// Takes the lock in session mode, waiting in the server's queue as `deadline`
-    /// allows: `Some` lease if granted, `None` if still held when waiting ends.
-    async fn session_grant(
-        &self,
-        session: &Session,
-        req: &AcquireRequest,
-        key: &str,
-        deadline: &WaitDeadline,
-    ) -> Result<Option<Lease>> {
-        let attempt = session
-            .locks
-            .acquire(&self.inner.pool, &session.queries, req, key, deadline)
-            .await;
-        attempt.map_err(|err| match err {
-            SessionError::Sql(err) => self.failed(format_args!("acquire `{}`", req.name), err),
-            SessionError::PoolingProxy => Error::Unsupported {
-                store: STORE,
-                what: pooling_proxy(&self.inner.config),
-            },
-        })
-    }
-
-    /// One attempt to take the lock in lease mode: `Some` lease if granted, `None` if
-    /// held.
-    async fn try_grant(&self, req: &AcquireRequest, key: &str) -> Result<Option<Lease>> {
-        let conn = self.connection(format!("acquire `{}`", req.name)).await?;
-        let mut in_flight = InFlight {
-            backend: self,
-            key,
-            owner: &req.owner,
-            conn: Some(conn),
-        };
-        let sent = Instant::now();
-        let row = sqlx::query(&self.inner.queries.acquire)
-            .bind(key)
-            .bind(req.owner.as_str())
-            .bind(micros_ceil(req.ttl))
-            .fetch_optional(in_flight.connection())
-            .await
-            .map_err(|err| self.failed(format_args!("acquire `{}`", req.name), err))?;
-        let Some(row) = row else {
-            in_flight.settle();
-            return Ok(None);
-        };
-        let token = self.token_at(&row, 0, &req.name)?;
-        in_flight.settle();
-        Ok(Some(Lease::new(
-            req.name.clone(),
-            req.owner.clone(),
-            token,
-            valid_until(sent, req.ttl),
-        )))
-    }
-
-    async fn holder(&self, key: &str, name: &LockName) -> Result<Option<LockState>> {
-        let read = |err| self.failed(format_args!("read the holder of `{name}`"), err);
-        if let Some(session) = &self.inner.session {
-            return SessionLocks::holder(&self.inner.pool, &session.queries, key)
-                .await
-                .map_err(read);
-        }
-        let row = sqlx::query(&self.inner.queries.holder)
-            .bind(key)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(read)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let owner: String = row.try_get(0).map_err(read)?;
-        let remaining_us: i64 = row.try_get(2).map_err(read)?;
-        Ok(Some(LockState {
-            holder: OwnerId::from_stored(owner),
-            token: self.token_at(&row, 1, name)?,
-            remaining: Some(Duration::from_micros(
-                u64::try_from(remaining_us).unwrap_or(0),
-            )),
-        }))
-    }
-
-    /// The renewal statement of [`renew_all`](LockBackend::renew_all): when it was
-    /// sent and the `(key, owner, token)` of every row it renewed.
-    async fn renew_storable(
-        &self,
-        leases: &[(&Lease, Duration, i64)],
-    ) -> Result<(Instant, HashSet<(String, String, i64)>), sqlx::Error> {
-        let names: Vec<String> = leases.iter().map(|(l, ..)| self.key(l.name())).collect();
-        let owners: Vec<&str> = leases.iter().map(|(l, ..)| l.owner().as_str()).collect();
-        let tokens: Vec<i64> = leases.iter().map(|(.., token)| *token).collect();
-        let ttls: Vec<i64> = leases.iter().map(|(_, ttl, _)| micros_ceil(*ttl)).collect();
-        let mut conn = self.inner.pool.acquire().await?;
-        let sent = Instant::now();
-        let rows = sqlx::query(&self.inner.queries.renew_many)
-            .bind(names)
-            .bind(owners)
-            .bind(tokens)
-            .bind(ttls)
-            .fetch_all(&mut *conn)
-            .await?;
-        let renewed = rows
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
-        Ok((sent, renewed))
+    /// The locks, in lease or session mode.
+    fn locks(&self) -> &ServerLocks<LeaseQueries, SessionQueries> {
+        &self.inner.locks
     }
 }
 
@@ -371,186 +224,112 @@ fn context(config: &PostgresConfig, what: impl fmt::Display) -> String {
     )
 }
 
-#[async_trait]
-impl LockBackend for PostgresBackend {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            store: STORE,
-            fencing: true,
-            fifo: false,
-            wait: WaitKind::Notify,
-            lease: if self.inner.session.is_some() {
-                LeaseKind::Session
-            } else {
-                LeaseKind::Ttl
-            },
-            shared_between_processes: true,
-        }
-    }
+crate::server_locks::lock_backend_on_server_locks!(PostgresBackend);
 
-    async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
-        let key = self.key(&req.name);
-        let deadline = WaitDeadline::start(req.wait);
-        if let Some(session) = &self.inner.session {
-            // The server's queue does the waiting.
-            return self
-                .session_grant(session, &req, &key, &deadline)
-                .await?
-                .ok_or_else(|| deadline.give_up(&req.name, STORE));
-        }
-        if !deadline.may_wait() {
-            return self
-                .try_grant(&req, &key)
-                .await?
-                .ok_or_else(|| deadline.give_up(&req.name, STORE));
-        }
-        let waiter = self.inner.wakers.join(&key);
-        let (poll_min, poll_max) = (self.inner.config.poll_min, self.inner.config.poll_max);
-        let mut backoff = poll_min;
-        loop {
-            // Made before the attempt, so a release between the attempt and the sleep
-            // still wakes this waiter.
-            let woken = waiter.notify().notified();
-            if let Some(lease) = self.try_grant(&req, &key).await? {
-                return Ok(lease);
-            }
-            if deadline.passed() {
-                return Err(deadline.give_up(&req.name, STORE));
-            }
-            let Some(holder) = self.holder(&key, &req.name).await? else {
-                continue; // Freed since the attempt: try again at once.
-            };
-            let held_for = holder.remaining.unwrap_or(poll_max);
-            let pause = backoff::pause(backoff, held_for);
-            backoff = (backoff * 2).min(poll_max);
-            tokio::select! {
-                () = woken => {}
-                () = tokio::time::sleep_until(deadline.cap(Instant::now() + pause)) => {}
-            }
-        }
-    }
-
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        if let Some(session) = &self.inner.session {
-            let key = self.key(lease.name());
-            return session
-                .locks
-                .renew(&session.queries, lease, &key, ttl)
-                .await;
-        }
-        let Some(token) = stored_token(lease) else {
-            return Err(Self::lost(lease));
-        };
-        let mut conn = self.connection(format!("renew `{}`", lease.name())).await?;
-        let sent = Instant::now();
-        let done = sqlx::query(&self.inner.queries.renew)
-            .bind(self.key(lease.name()))
-            .bind(lease.owner().as_str())
-            .bind(token)
-            .bind(micros_ceil(ttl))
-            .execute(&mut *conn)
-            .await
-            .map_err(|err| self.failed(format_args!("renew `{}`", lease.name()), err))?;
-        if done.rows_affected() == 0 {
-            return Err(Self::lost(lease));
-        }
-        Ok(lease.clone().renewed(valid_until(sent, ttl)))
-    }
-
-    async fn renew_all(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
-        if self.inner.session.is_some() {
-            // One probe per held connection: there is nothing to batch.
-            let renewals = leases.iter().map(|(lease, ttl)| self.renew(lease, *ttl));
-            return futures_util::future::join_all(renewals).await;
-        }
-        // A token that does not fit BIGINT was never granted here: not ours.
-        let storable: Vec<(&Lease, Duration, i64)> = leases
-            .iter()
-            .filter_map(|(lease, ttl)| Some((lease, *ttl, stored_token(lease)?)))
-            .collect();
-        let renewed = if storable.is_empty() {
-            Ok((Instant::now(), HashSet::new()))
-        } else {
-            self.renew_storable(&storable).await
-        };
-        let renewed = renewed.map_err(Arc::new);
-        leases
-            .iter()
-            .map(|(lease, ttl)| match &renewed {
-                Ok((sent, rows)) => {
-                    let row = stored_token(lease).map(|token| {
-                        (
-                            self.key(lease.name()),
-                            lease.owner().as_str().to_owned(),
-                            token,
-                        )
-                    });
-                    if row.is_some_and(|row| rows.contains(&row)) {
-                        Ok(lease.clone().renewed(valid_until(*sent, *ttl)))
-                    } else {
-                        Err(Self::lost(lease))
-                    }
-                }
-                Err(err) => Err(Error::backend(
-                    STORE,
-                    context(&self.inner.config, format_args!("renew `{}`", lease.name())),
-                    is_temporary(err),
-                    Arc::clone(err),
-                )),
-            })
-            .collect()
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<()> {
-        let key = self.key(lease.name());
-        if let Some(session) = &self.inner.session {
-            let released = match session.locks.release(&session.queries, lease, &key).await {
-                Some(released) => released,
-                None => {
-                    let queries = &session.queries;
-                    SessionLocks::release_elsewhere(&self.inner.pool, queries, lease, &key)
-                        .await
-                        .map_err(|err| {
-                            self.failed(format_args!("release `{}`", lease.name()), err)
-                        })?
-                        .then_some(())
-                        .ok_or_else(|| Self::lost(lease))
-                }
-            };
-            self.inner.wakers.wake(&key);
-            return released;
-        }
-        let Some(token) = stored_token(lease) else {
-            return Err(Self::lost(lease));
-        };
-        let failed = |err| self.failed(format_args!("release `{}`", lease.name()), err);
-        let row = sqlx::query(&self.inner.queries.release)
-            .bind(&key)
-            .bind(lease.owner().as_str())
-            .bind(token)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(failed)?;
-        let Some(row) = row else {
-            return Err(Self::lost(lease));
-        };
-        self.inner.wakers.wake(&key);
-        let was_live: bool = row.try_get(0).map_err(failed)?;
-        if !was_live {
-            // Ours but expired: freed all the same, and reported as lost.
-            return Err(Self::lost(lease));
-        }
-        Ok(())
-    }
-
-    async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
-        self.holder(&self.key(name), name).await
-    }
-}
-
-impl UndoAcquire for PostgresBackend {
+/// Postgres's lease SQL: the token comes back through `RETURNING`, a release reports
+/// whether the row was still live, and renewals of a whole tick go in one
+/// `UPDATE .. FROM unnest(..)`.
+impl Dialect for LeaseQueries {
     type Db = Postgres;
     const STORE: &'static str = STORE;
+    const WAIT: WaitKind = WaitKind::Notify;
+    const RENEW_BATCH: usize = usize::MAX;
+
+    fn is_temporary(err: &sqlx::Error) -> bool {
+        is_temporary(err)
+    }
+
+    async fn acquire(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        owner: &OwnerId,
+        ttl: Duration,
+    ) -> Result<Option<Granted>, sqlx::Error> {
+        let row = sqlx::query(&self.acquire)
+            .bind(key)
+            .bind(owner.as_str())
+            .bind(micros_ceil(ttl))
+            .fetch_optional(conn)
+            .await?;
+        Ok(row.map(|row| Granted::Stored(row.try_get(0))))
+    }
+
+    async fn holder(&self, pool: &PgPool, key: &str) -> Result<Option<HolderRow>, sqlx::Error> {
+        let row = sqlx::query(&self.holder)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let owner: String = row.try_get(0)?;
+        let remaining_us: i64 = row.try_get(2)?;
+        Ok(Some(HolderRow {
+            owner,
+            token: row.try_get(1),
+            remaining: Duration::from_micros(u64::try_from(remaining_us).unwrap_or(0)),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        owner: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&self.renew)
+            .bind(key)
+            .bind(owner)
+            .bind(token)
+            .bind(micros_ceil(ttl))
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn renew_many(
+        &self,
+        pool: &PgPool,
+        leases: &[Renewal<'_>],
+    ) -> Result<(Instant, Renewed), sqlx::Error> {
+        let names: Vec<&str> = leases.iter().map(|(key, ..)| key.as_str()).collect();
+        let owners: Vec<&str> = leases.iter().map(|(_, owner, ..)| *owner).collect();
+        let tokens: Vec<i64> = leases.iter().map(|(_, _, token, _)| *token).collect();
+        let ttls: Vec<i64> = leases.iter().map(|(.., ttl)| micros_ceil(*ttl)).collect();
+        let mut conn = pool.acquire().await?;
+        let sent = Instant::now();
+        let rows = sqlx::query(&self.renew_many)
+            .bind(names)
+            .bind(owners)
+            .bind(tokens)
+            .bind(ttls)
+            .fetch_all(&mut *conn)
+            .await?;
+        let renewed = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok((sent, renewed))
+    }
+
+    async fn release(
+        &self,
+        pool: &PgPool,
+        key: &str,
+        owner: &str,
+        token: i64,
+    ) -> Result<Freed, sqlx::Error> {
+        let row = sqlx::query(&self.release)
+            .bind(key)
+            .bind(owner)
+            .bind(token)
+            .fetch_optional(pool)
+            .await?;
+        Ok(row.map_or(Freed::NotOurs, |row| Freed::Ours(row.try_get(0))))
+    }
 
     async fn free_by_owner(
         &self,
@@ -558,22 +337,13 @@ impl UndoAcquire for PostgresBackend {
         key: &str,
         owner: &OwnerId,
     ) -> Result<bool, sqlx::Error> {
-        let freed = sqlx::query(&self.inner.queries.free_by_owner)
+        let freed = sqlx::query(&self.free_by_owner)
             .bind(key)
             .bind(owner.as_str())
             .fetch_optional(&mut **conn)
             .await?;
         Ok(freed.is_some())
     }
-
-    fn wake(&self, key: &str) {
-        self.inner.wakers.wake(key);
-    }
-}
-
-/// The token as stored; `None` if it cannot have come from this store.
-fn stored_token(lease: &Lease) -> Option<i64> {
-    i64::try_from(lease.token().0).ok()
 }
 
 /// A TTL in whole microseconds, rounded up so the store never grants less than asked.

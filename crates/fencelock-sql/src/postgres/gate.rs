@@ -4,13 +4,17 @@
 use std::fmt;
 use std::sync::Arc;
 
-use fencelock_core::{Error, FenceGate, FencingToken, Result, async_trait};
+#[cfg(doc)]
+use fencelock_core::Error;
+use fencelock_core::{FenceGate, FencingToken, Result, async_trait};
+use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgPool, Postgres};
 use sqlx::{Executor, Row};
 
 use super::queries::FenceQueries;
-use super::{create_table, db_error, open_pool};
+use super::{STORE, create_table, is_temporary, open_pool};
 use crate::PostgresConfig;
+use crate::fence::{Fence, FenceSql};
 use crate::identifier::check_table_name;
 
 /// A [`FenceGate`] kept in a Postgres table (`resource TEXT PRIMARY KEY, token
@@ -40,19 +44,13 @@ use crate::identifier::check_table_name;
 /// ```
 #[derive(Clone)]
 pub struct PostgresFenceGate {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    pool: PgPool,
-    table: String,
-    queries: FenceQueries,
+    inner: Arc<Fence<FenceQueries>>,
 }
 
 impl fmt::Debug for PostgresFenceGate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresFenceGate")
-            .field("table", &self.inner.table)
+            .field("table", &self.inner.table())
             .finish_non_exhaustive()
     }
 }
@@ -76,12 +74,9 @@ impl PostgresFenceGate {
     /// be created.
     pub async fn with_pool(pool: PgPool, table: &str) -> Result<Self> {
         check_table_name("fence_table", table)?;
+        let place = format!(" (fence table `{table}`)");
         let gate = Self {
-            inner: Arc::new(Inner {
-                queries: FenceQueries::new(table),
-                table: table.to_owned(),
-                pool,
-            }),
+            inner: Arc::new(Fence::new(pool, table, FenceQueries::new(table), place)),
         };
         gate.migrate().await?;
         Ok(gate)
@@ -93,9 +88,7 @@ impl PostgresFenceGate {
     /// # Errors
     /// [`Error::Backend`] naming the table.
     pub async fn migrate(&self) -> Result<()> {
-        create_table(&self.inner.pool, &self.inner.queries.create_table)
-            .await
-            .map_err(|err| db_error(self.context("create the fence table"), err))
+        self.inner.migrate().await
     }
 
     /// Admits `token` for `resource` through `executor`, which may be the connection
@@ -120,31 +113,7 @@ impl PostgresFenceGate {
     where
         E: Executor<'c, Database = Postgres>,
     {
-        let stored = i64::try_from(token.0).map_err(|_| {
-            Error::config(format!(
-                "token {token} for resource `{resource}` does not fit Postgres's BIGINT \
-                 (at most {}); pass the token of a fencelock grant",
-                i64::MAX
-            ))
-        })?;
-        let what = || self.context(format_args!("admit token {token} for `{resource}`"));
-        let row = executor
-            .fetch_one(
-                sqlx::query(&self.inner.queries.admit)
-                    .bind(resource)
-                    .bind(stored),
-            )
-            .await
-            .map_err(|err| db_error(what(), err))?;
-        let highest: i64 = row.try_get(0).map_err(|err| db_error(what(), err))?;
-        if highest == stored {
-            return Ok(());
-        }
-        Err(Error::StaleToken {
-            resource: resource.to_owned(),
-            token,
-            highest: FencingToken(u64::try_from(highest).unwrap_or(u64::MAX)),
-        })
+        self.inner.admit_in(executor, resource, token).await
     }
 
     /// The highest token admitted for `resource`, if any.
@@ -152,32 +121,18 @@ impl PostgresFenceGate {
     /// # Errors
     /// [`Error::Backend`] if the read fails.
     pub async fn highest(&self, resource: &str) -> Result<Option<FencingToken>> {
-        let what = || self.context(format_args!("read the highest token of `{resource}`"));
-        let row = sqlx::query(&self.inner.queries.highest)
-            .bind(resource)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|err| db_error(what(), err))?;
-        row.map(|row| {
-            let token: i64 = row.try_get(0).map_err(|err| db_error(what(), err))?;
-            Ok(FencingToken(u64::try_from(token).unwrap_or(0)))
-        })
-        .transpose()
+        self.inner.highest(resource).await
     }
 
     /// The pool the gate uses on its own (for [`FenceGate::admit`]); begin the
     /// transactions that call [`admit_in`](Self::admit_in) on it.
     pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
+        self.inner.pool()
     }
 
     /// The gate's table.
     pub fn table(&self) -> &str {
-        &self.inner.table
-    }
-
-    fn context(&self, what: impl fmt::Display) -> String {
-        format!("{what} (fence table `{}`)", self.inner.table)
+        self.inner.table()
     }
 }
 
@@ -186,6 +141,46 @@ impl FenceGate for PostgresFenceGate {
     /// Admits `token` in a statement of its own on the gate's pool; use
     /// [`admit_in`](PostgresFenceGate::admit_in) to tie the check to a write.
     async fn admit(&self, resource: &str, token: FencingToken) -> Result<()> {
-        self.admit_in(&self.inner.pool, resource, token).await
+        self.admit_in(self.pool(), resource, token).await
+    }
+}
+
+/// Postgres's gate SQL: the stored token comes back through `RETURNING`.
+impl FenceSql for FenceQueries {
+    type Db = Postgres;
+    const STORE: &'static str = STORE;
+    const TOKEN_TYPE: &'static str = "Postgres's BIGINT";
+
+    fn is_temporary(err: &sqlx::Error) -> bool {
+        is_temporary(err)
+    }
+
+    async fn create(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        create_table(pool, &self.create_table).await
+    }
+
+    fn admit<'e, 'c: 'e, E>(
+        &'e self,
+        executor: E,
+        resource: &'e str,
+        token: i64,
+    ) -> BoxFuture<'e, Result<i64, sqlx::Error>>
+    where
+        E: 'e + Executor<'c, Database = Postgres>,
+    {
+        Box::pin(async move {
+            let row = executor
+                .fetch_one(sqlx::query(&self.admit).bind(resource).bind(token))
+                .await?;
+            row.try_get(0)
+        })
+    }
+
+    async fn highest(&self, pool: &PgPool, resource: &str) -> Result<Option<i64>, sqlx::Error> {
+        let row = sqlx::query(&self.highest)
+            .bind(resource)
+            .fetch_optional(pool)
+            .await?;
+        row.map(|row| row.try_get(0)).transpose()
     }
 }

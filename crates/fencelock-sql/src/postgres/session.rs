@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::STORE;
 use crate::in_flight::end_dropped_wait;
+use crate::server_locks::{SessionError, SessionMode};
 use crate::session_table::SessionStatements;
 
 /// The statements of session mode on one lease table.
@@ -243,13 +244,15 @@ async fn compare_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
     Ok(other == before || after != before)
 }
 
-impl SessionLocks {
+impl SessionMode for SessionQueries {
+    type Db = Postgres;
+
     /// Takes the lock, waiting in the server's queue as `deadline` allows: `Some`
     /// lease if granted, `None` if still held when waiting ends.
-    pub(crate) async fn acquire(
-        self: &Arc<Self>,
+    async fn acquire(
+        &self,
+        locks: &Arc<SessionLocks>,
         pool: &PgPool,
-        queries: &SessionQueries,
         req: &AcquireRequest,
         key: &str,
         deadline: &WaitDeadline,
@@ -267,7 +270,7 @@ impl SessionLocks {
         };
         let pid = match timeout {
             None => {
-                let row = sqlx::query(&queries.try_lock)
+                let row = sqlx::query(&self.try_lock)
                     .bind(key)
                     .fetch_one(in_flight.conn())
                     .await?;
@@ -280,13 +283,13 @@ impl SessionLocks {
                 pid
             }
             Some(timeout) => {
-                let row = sqlx::query(&queries.prepare_wait)
+                let row = sqlx::query(&self.prepare_wait)
                     .bind(timeout)
                     .fetch_one(in_flight.conn())
                     .await?;
                 let (pid, started): (i32, i64) = (row.try_get(0)?, row.try_get(1)?);
                 in_flight.session = Some((pid, started));
-                let waited = sqlx::query(&queries.lock)
+                let waited = sqlx::query(&self.lock)
                     .bind(key)
                     .execute(in_flight.conn())
                     .await;
@@ -309,7 +312,7 @@ impl SessionLocks {
         // Measured from the bump, not from the start of the wait: the lock was
         // granted before it, and the TTL runs from here.
         let sent = Instant::now();
-        let row = sqlx::query(&queries.bump)
+        let row = sqlx::query(&self.bump)
             .bind(key)
             .bind(req.owner.as_str())
             .fetch_one(in_flight.conn())
@@ -322,7 +325,7 @@ impl SessionLocks {
         let token = u64::try_from(token).unwrap_or(0);
         // Out of the pool for as long as the lock is held.
         let conn = in_flight.conn.take().expect("settled here").detach();
-        self.insert(
+        locks.insert(
             req.owner.as_str(),
             key,
             token,
@@ -341,16 +344,16 @@ impl SessionLocks {
     /// Releases a grant that another client holds (the contract lets anyone with the
     /// lease release it): ends the server session that holds it, if the lease table
     /// says that session holds this very grant.
-    pub(crate) async fn release_elsewhere(
+    async fn release_elsewhere(
+        &self,
         pool: &PgPool,
-        queries: &SessionQueries,
         lease: &Lease,
         key: &str,
     ) -> Result<bool, sqlx::Error> {
         let Ok(token) = i64::try_from(lease.token().0) else {
             return Ok(false);
         };
-        let ended = sqlx::query(&queries.release_elsewhere)
+        let ended = sqlx::query(&self.release_elsewhere)
             .bind(key)
             .bind(lease.owner().as_str())
             .bind(token)
@@ -360,12 +363,8 @@ impl SessionLocks {
     }
 
     /// The holder of `key` per the lease table, if a session holds its lock now.
-    pub(crate) async fn holder(
-        pool: &PgPool,
-        queries: &SessionQueries,
-        key: &str,
-    ) -> Result<Option<LockState>, sqlx::Error> {
-        let row = sqlx::query(&queries.holder)
+    async fn holder(&self, pool: &PgPool, key: &str) -> Result<Option<LockState>, sqlx::Error> {
+        let row = sqlx::query(&self.holder)
             .bind(key)
             .fetch_optional(pool)
             .await?;
@@ -379,20 +378,5 @@ impl SessionLocks {
             token: FencingToken(u64::try_from(token).unwrap_or(0)),
             remaining: None,
         }))
-    }
-}
-
-/// Why a session-mode attempt failed.
-#[derive(Debug)]
-pub(crate) enum SessionError {
-    /// A statement failed.
-    Sql(sqlx::Error),
-    /// The statements of one connection ran in different server sessions.
-    PoolingProxy,
-}
-
-impl From<sqlx::Error> for SessionError {
-    fn from(err: sqlx::Error) -> Self {
-        Self::Sql(err)
     }
 }

@@ -1,26 +1,26 @@
 //! [`LockBackend`] on SQLite: one lease row per lock name.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(doc)]
+use fencelock_core::Error;
+use fencelock_core::wake::Wakers;
 use fencelock_core::{
-    AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
-    LockState, LossReason, OwnerId, Result, WaitDeadline, WaitKind, async_trait, valid_until,
+    AcquireRequest, Capabilities, Lease, LeaseKind, LockBackend, LockName, LockState, OwnerId,
+    Result, WaitKind, async_trait,
 };
 use sqlx::Row;
 use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
+use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool};
 use tokio::time::Instant;
 
 use super::queries::LeaseQueries;
-use super::{STORE, db_error, is_temporary, open_pool};
+use super::{STORE, is_temporary, open_pool};
+use crate::lease::{Dialect, Freed, Granted, HolderRow, LeaseStore, Renewal, Renewed, Settings};
 use crate::{SqliteConfig, SqliteFenceGate};
-use fencelock_core::wake::Wakers;
-
-use crate::in_flight::{InFlight, UndoAcquire};
 
 /// Leases per `renew_all` statement: 4 bound values each, far below SQLite's limit.
 const RENEW_BATCH: usize = 500;
@@ -72,10 +72,8 @@ pub struct SqliteBackend {
 }
 
 struct Inner {
-    pool: SqlitePool,
+    lease: LeaseStore<LeaseQueries>,
     config: SqliteConfig,
-    queries: LeaseQueries,
-    wakers: Wakers,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -100,12 +98,17 @@ impl SqliteBackend {
     /// [`Error::Backend`] naming the file if it cannot be opened or migrated.
     pub async fn connect(config: SqliteConfig) -> Result<Self> {
         let pool = open_pool(&config).await?;
+        let settings = Settings {
+            prefix: config.prefix.clone(),
+            poll: (config.poll_min, config.poll_max),
+            place: format!(" in `{}` (table `{}`)", config.path.display(), config.table),
+        };
+        let queries = LeaseQueries::new(&config.table);
+        let wakers = Arc::new(Wakers::default());
         let backend = Self {
             inner: Arc::new(Inner {
-                queries: LeaseQueries::new(&config.table),
-                pool,
+                lease: LeaseStore::new(pool, queries, wakers, settings),
                 config,
-                wakers: Wakers::default(),
             }),
         };
         backend.migrate().await?;
@@ -127,17 +130,18 @@ impl SqliteBackend {
     /// # Errors
     /// [`Error::Backend`] naming the file and table.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::query(&self.inner.queries.create_table)
-            .execute(&self.inner.pool)
+        let lease = &self.inner.lease;
+        sqlx::query(&lease.dialect().create_table)
+            .execute(lease.pool())
             .await
-            .map_err(|err| self.failed("create the lease table", err))?;
+            .map_err(|err| lease.failed("create the lease table", err))?;
         Ok(())
     }
 
     /// The connection pool, for operator statements in tests and tools (an operator
     /// `DELETE` of a row, say). Rows are keyed by [`SqliteConfig::prefix`] + the name.
     pub fn pool(&self) -> &SqlitePool {
-        &self.inner.pool
+        self.inner.lease.pool()
     }
 
     /// The name of the lease table.
@@ -151,176 +155,7 @@ impl SqliteBackend {
     /// # Errors
     /// [`Error::Backend`] if the table cannot be created.
     pub async fn fence_gate(&self) -> Result<SqliteFenceGate> {
-        SqliteFenceGate::with_pool(self.inner.pool.clone(), &self.inner.config.fence_table).await
-    }
-
-    /// The row key of `name`.
-    fn key(&self, name: &LockName) -> String {
-        format!("{}{}", self.inner.config.prefix, name)
-    }
-
-    /// A backend error for `what`, naming the file and the table.
-    fn failed(&self, what: impl fmt::Display, err: sqlx::Error) -> Error {
-        db_error(self.context(what), err)
-    }
-
-    fn context(&self, what: impl fmt::Display) -> String {
-        let config = &self.inner.config;
-        format!(
-            "{what} in `{}` (table `{}`)",
-            config.path.display(),
-            config.table
-        )
-    }
-
-    fn lost(lease: &Lease) -> Error {
-        Error::Lost {
-            name: lease.name().clone(),
-            store: STORE,
-            token: lease.token(),
-            reason: LossReason::NotOurs,
-        }
-    }
-
-    async fn connection(&self, what: String) -> Result<PoolConnection<Sqlite>> {
-        self.inner
-            .pool
-            .acquire()
-            .await
-            .map_err(|err| self.failed(what, err))
-    }
-
-    /// Reads a stored token; a negative one was written by hand and is refused.
-    fn token_at(&self, row: &SqliteRow, column: usize, name: &LockName) -> Result<FencingToken> {
-        let value: i64 = row
-            .try_get(column)
-            .map_err(|err| self.failed(format_args!("read the token of `{name}`"), err))?;
-        u64::try_from(value).map(FencingToken).map_err(|_| {
-            Error::backend(
-                STORE,
-                self.context(format_args!("read the token of `{name}`")),
-                false,
-                format!("the stored token {value} is negative; fix or delete the row"),
-            )
-        })
-    }
-
-    /// One attempt to take the lock: `Some` lease if granted, `None` if held.
-    async fn try_grant(&self, req: &AcquireRequest, key: &str) -> Result<Option<Lease>> {
-        let conn = self.connection(format!("acquire `{}`", req.name)).await?;
-        let mut in_flight = InFlight {
-            backend: self,
-            key,
-            owner: &req.owner,
-            conn: Some(conn),
-        };
-        let sent = Instant::now();
-        let row = sqlx::query(&self.inner.queries.acquire)
-            .bind(key)
-            .bind(req.owner.as_str())
-            .bind(millis_ceil(req.ttl))
-            .fetch_optional(in_flight.connection())
-            .await
-            .map_err(|err| self.failed(format_args!("acquire `{}`", req.name), err))?;
-        let Some(row) = row else {
-            in_flight.settle();
-            return Ok(None);
-        };
-        let token = self.token_at(&row, 0, &req.name)?;
-        in_flight.settle();
-        Ok(Some(Lease::new(
-            req.name.clone(),
-            req.owner.clone(),
-            token,
-            valid_until(sent, req.ttl),
-        )))
-    }
-
-    /// The live holder of `key` and its remaining time by the database's clock.
-    async fn holder(&self, key: &str, name: &LockName) -> Result<Option<LockState>> {
-        let row = sqlx::query(&self.inner.queries.holder)
-            .bind(key)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|err| self.failed(format_args!("read the holder of `{name}`"), err))?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let read = |err| self.failed(format_args!("read the holder of `{name}`"), err);
-        let owner: String = row.try_get(0).map_err(read)?;
-        let remaining_ms: i64 = row.try_get(2).map_err(read)?;
-        Ok(Some(LockState {
-            holder: OwnerId::from_stored(owner),
-            token: self.token_at(&row, 1, name)?,
-            remaining: Some(Duration::from_millis(
-                u64::try_from(remaining_ms).unwrap_or(0),
-            )),
-        }))
-    }
-
-    /// Renews up to [`RENEW_BATCH`] leases in one statement.
-    async fn renew_batch(&self, batch: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
-        // A token that does not fit SQLite's INTEGER was never granted here: not ours.
-        let storable: Vec<(&Lease, Duration, i64)> = batch
-            .iter()
-            .filter_map(|(lease, ttl)| Some((lease, *ttl, stored_token(lease)?)))
-            .collect();
-        let renewed = if storable.is_empty() {
-            Ok((Instant::now(), HashSet::new()))
-        } else {
-            self.renew_storable(&storable).await
-        };
-        let renewed = renewed.map_err(Arc::new);
-        batch
-            .iter()
-            .map(|(lease, ttl)| match &renewed {
-                Ok((sent, rows)) => {
-                    let row = stored_token(lease).map(|token| {
-                        (
-                            self.key(lease.name()),
-                            lease.owner().as_str().to_owned(),
-                            token,
-                        )
-                    });
-                    if row.is_some_and(|row| rows.contains(&row)) {
-                        Ok(lease.clone().renewed(valid_until(*sent, *ttl)))
-                    } else {
-                        Err(Self::lost(lease))
-                    }
-                }
-                Err(err) => Err(Error::backend(
-                    STORE,
-                    self.context(format_args!("renew `{}`", lease.name())),
-                    is_temporary(err),
-                    Arc::clone(err),
-                )),
-            })
-            .collect()
-    }
-
-    /// The renewal statement of [`renew_batch`](Self::renew_batch): when it was sent
-    /// and the `(key, owner, token)` of every row it renewed.
-    async fn renew_storable(
-        &self,
-        leases: &[(&Lease, Duration, i64)],
-    ) -> Result<(Instant, HashSet<(String, String, i64)>), sqlx::Error> {
-        let sql = self.inner.queries.renew_many(leases.len());
-        let mut query = sqlx::query(&sql);
-        for (lease, ttl, token) in leases {
-            query = query
-                .bind(self.key(lease.name()))
-                .bind(lease.owner().as_str())
-                .bind(*token)
-                .bind(millis_ceil(*ttl));
-        }
-        let mut conn = self.inner.pool.acquire().await?;
-        let sent = Instant::now();
-        let rows = query.persistent(false).fetch_all(&mut *conn).await?;
-        let renewed = rows
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
-        Ok((sent, renewed))
+        SqliteFenceGate::with_pool(self.pool().clone(), &self.inner.config.fence_table).await
     }
 }
 
@@ -331,116 +166,139 @@ impl LockBackend for SqliteBackend {
             store: STORE,
             fencing: true,
             fifo: false,
-            wait: WaitKind::Poll,
+            wait: <LeaseQueries as Dialect>::WAIT,
             lease: LeaseKind::Ttl,
             shared_between_processes: true,
         }
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
-        let key = self.key(&req.name);
-        let deadline = WaitDeadline::start(req.wait);
-        if !deadline.may_wait() {
-            return self
-                .try_grant(&req, &key)
-                .await?
-                .ok_or_else(|| deadline.give_up(&req.name, STORE));
-        }
-        let waiter = self.inner.wakers.join(&key);
-        let (poll_min, poll_max) = (self.inner.config.poll_min, self.inner.config.poll_max);
-        let mut backoff = poll_min;
-        loop {
-            // Made before the attempt, so a release between the attempt and the sleep
-            // still wakes this waiter.
-            let woken = waiter.notify().notified();
-            if let Some(lease) = self.try_grant(&req, &key).await? {
-                return Ok(lease);
-            }
-            if deadline.passed() {
-                return Err(deadline.give_up(&req.name, STORE));
-            }
-            let Some(holder) = self.holder(&key, &req.name).await? else {
-                continue; // Freed since the attempt: try again at once.
-            };
-            let held_for = holder.remaining.unwrap_or(poll_max);
-            // Wake just after the holder's lease ends, if that comes first.
-            let pause = crate::backoff::pause(backoff, held_for);
-            backoff = (backoff * 2).min(poll_max);
-            tracing::debug!(
-                lock = %req.name,
-                store = STORE,
-                pause_ms = pause.as_millis() as u64,
-                held_for_ms = held_for.as_millis() as u64,
-                "lock is held; polling again"
-            );
-            tokio::select! {
-                () = woken => {}
-                () = tokio::time::sleep_until(deadline.cap(Instant::now() + pause)) => {}
-            }
-        }
+        let lease = &self.inner.lease;
+        lease.acquire(&req, &lease.key(&req.name)).await
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        let Some(token) = stored_token(lease) else {
-            return Err(Self::lost(lease));
-        };
-        let mut conn = self.connection(format!("renew `{}`", lease.name())).await?;
-        let sent = Instant::now();
-        let done = sqlx::query(&self.inner.queries.renew)
-            .bind(self.key(lease.name()))
-            .bind(lease.owner().as_str())
-            .bind(token)
-            .bind(millis_ceil(ttl))
-            .execute(&mut *conn)
-            .await
-            .map_err(|err| self.failed(format_args!("renew `{}`", lease.name()), err))?;
-        if done.rows_affected() == 0 {
-            return Err(Self::lost(lease));
-        }
-        Ok(lease.clone().renewed(valid_until(sent, ttl)))
+        self.inner.lease.renew(lease, ttl).await
     }
 
     async fn renew_all(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
-        let mut results = Vec::with_capacity(leases.len());
-        for batch in leases.chunks(RENEW_BATCH) {
-            results.extend(self.renew_batch(batch).await);
-        }
-        results
+        self.inner.lease.renew_all(leases).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let Some(token) = stored_token(lease) else {
-            return Err(Self::lost(lease));
-        };
-        let key = self.key(lease.name());
-        let failed = |err| self.failed(format_args!("release `{}`", lease.name()), err);
-        let row = sqlx::query(&self.inner.queries.release)
-            .bind(&key)
-            .bind(lease.owner().as_str())
-            .bind(token)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(failed)?;
-        let Some(row) = row else {
-            return Err(Self::lost(lease));
-        };
-        self.inner.wakers.wake(&key);
-        let was_live: i64 = row.try_get(0).map_err(failed)?;
-        if was_live == 0 {
-            // Ours but expired: freed all the same, and reported as lost.
-            return Err(Self::lost(lease));
-        }
-        Ok(())
+        self.inner.lease.release(lease).await
     }
 
     async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
-        self.holder(&self.key(name), name).await
+        let lease = &self.inner.lease;
+        lease.holder(&lease.key(name), name).await
     }
 }
 
-impl UndoAcquire for SqliteBackend {
+/// SQLite's lease SQL: times in milliseconds, the token comes back through
+/// `RETURNING`, a release reports whether the row was still live (as an integer).
+impl Dialect for LeaseQueries {
     type Db = Sqlite;
     const STORE: &'static str = STORE;
+    const WAIT: WaitKind = WaitKind::Poll;
+    const RENEW_BATCH: usize = RENEW_BATCH;
+
+    fn is_temporary(err: &sqlx::Error) -> bool {
+        is_temporary(err)
+    }
+
+    async fn acquire(
+        &self,
+        conn: &mut SqliteConnection,
+        key: &str,
+        owner: &OwnerId,
+        ttl: Duration,
+    ) -> Result<Option<Granted>, sqlx::Error> {
+        let row = sqlx::query(&self.acquire)
+            .bind(key)
+            .bind(owner.as_str())
+            .bind(millis_ceil(ttl))
+            .fetch_optional(conn)
+            .await?;
+        Ok(row.map(|row| Granted::Stored(row.try_get(0))))
+    }
+
+    async fn holder(&self, pool: &SqlitePool, key: &str) -> Result<Option<HolderRow>, sqlx::Error> {
+        let row = sqlx::query(&self.holder)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let owner: String = row.try_get(0)?;
+        let remaining_ms: i64 = row.try_get(2)?;
+        Ok(Some(HolderRow {
+            owner,
+            token: row.try_get(1),
+            remaining: Duration::from_millis(u64::try_from(remaining_ms).unwrap_or(0)),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        conn: &mut SqliteConnection,
+        key: &str,
+        owner: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(&self.renew)
+            .bind(key)
+            .bind(owner)
+            .bind(token)
+            .bind(millis_ceil(ttl))
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn renew_many(
+        &self,
+        pool: &SqlitePool,
+        leases: &[Renewal<'_>],
+    ) -> Result<(Instant, Renewed), sqlx::Error> {
+        let sql = self.renew_many(leases.len());
+        let mut query = sqlx::query(&sql);
+        for (key, owner, token, ttl) in leases {
+            query = query
+                .bind(key.as_str())
+                .bind(*owner)
+                .bind(*token)
+                .bind(millis_ceil(*ttl));
+        }
+        let mut conn = pool.acquire().await?;
+        let sent = Instant::now();
+        let rows = query.persistent(false).fetch_all(&mut *conn).await?;
+        let renewed = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok((sent, renewed))
+    }
+
+    async fn release(
+        &self,
+        pool: &SqlitePool,
+        key: &str,
+        owner: &str,
+        token: i64,
+    ) -> Result<Freed, sqlx::Error> {
+        let row = sqlx::query(&self.release)
+            .bind(key)
+            .bind(owner)
+            .bind(token)
+            .fetch_optional(pool)
+            .await?;
+        Ok(row.map_or(Freed::NotOurs, |row| {
+            Freed::Ours(row.try_get::<i64, _>(0).map(|was_live| was_live != 0))
+        }))
+    }
 
     async fn free_by_owner(
         &self,
@@ -448,22 +306,13 @@ impl UndoAcquire for SqliteBackend {
         key: &str,
         owner: &OwnerId,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(&self.inner.queries.free_by_owner)
+        let done = sqlx::query(&self.free_by_owner)
             .bind(key)
             .bind(owner.as_str())
             .execute(&mut **conn)
             .await?;
         Ok(done.rows_affected() > 0)
     }
-
-    fn wake(&self, key: &str) {
-        self.inner.wakers.wake(key);
-    }
-}
-
-/// The token as SQLite stores it; `None` if it cannot have come from this store.
-fn stored_token(lease: &Lease) -> Option<i64> {
-    i64::try_from(lease.token().0).ok()
 }
 
 /// A TTL in whole milliseconds, rounded up so the store never grants less than asked.

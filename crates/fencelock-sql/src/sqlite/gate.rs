@@ -4,14 +4,18 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fencelock_core::{Error, FenceGate, FencingToken, Result, async_trait};
+#[cfg(doc)]
+use fencelock_core::Error;
+use fencelock_core::{FenceGate, FencingToken, Result, async_trait};
+use futures_util::future::BoxFuture;
 use sqlx::sqlite::{Sqlite, SqlitePool};
 use sqlx::{Executor, Row};
 
 use super::queries::FenceQueries;
-use super::{db_error, open_pool};
+use super::{STORE, is_temporary, open_pool};
 use crate::SqliteConfig;
 use crate::config::check_table_name;
+use crate::fence::{Fence, FenceSql};
 
 /// A [`FenceGate`] kept in a SQLite table (`resource TEXT PRIMARY KEY, token
 /// INTEGER`), so the token check can run **inside the transaction that writes the
@@ -50,17 +54,15 @@ pub struct SqliteFenceGate {
 }
 
 struct Inner {
-    pool: SqlitePool,
-    table: String,
+    fence: Fence<FenceQueries>,
     path: PathBuf,
-    queries: FenceQueries,
 }
 
 impl fmt::Debug for SqliteFenceGate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteFenceGate")
             .field("path", &self.inner.path)
-            .field("table", &self.inner.table)
+            .field("table", &self.inner.fence.table())
             .finish_non_exhaustive()
     }
 }
@@ -93,12 +95,11 @@ impl SqliteFenceGate {
     pub async fn with_pool(pool: SqlitePool, table: &str) -> Result<Self> {
         check_table_name("fence_table", table)?;
         let path = pool.connect_options().get_filename().to_owned();
+        let place = format!(" in `{}` (table `{table}`)", path.display());
         let gate = Self {
             inner: Arc::new(Inner {
-                queries: FenceQueries::new(table),
-                table: table.to_owned(),
+                fence: Fence::new(pool, table, FenceQueries::new(table), place),
                 path,
-                pool,
             }),
         };
         gate.migrate().await?;
@@ -110,11 +111,7 @@ impl SqliteFenceGate {
     /// # Errors
     /// [`Error::Backend`] naming the file and table.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::query(&self.inner.queries.create_table)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|err| db_error(self.context("create the fence table"), err))?;
-        Ok(())
+        self.inner.fence.migrate().await
     }
 
     /// Admits `token` for `resource` through `executor`, which may be the connection
@@ -139,31 +136,7 @@ impl SqliteFenceGate {
     where
         E: Executor<'c, Database = Sqlite>,
     {
-        let stored = i64::try_from(token.0).map_err(|_| {
-            Error::config(format!(
-                "token {token} for resource `{resource}` does not fit SQLite's INTEGER \
-                 (at most {}); pass the token of a fencelock grant",
-                i64::MAX
-            ))
-        })?;
-        let what = || self.context(format_args!("admit token {token} for `{resource}`"));
-        let row = executor
-            .fetch_one(
-                sqlx::query(&self.inner.queries.admit)
-                    .bind(resource)
-                    .bind(stored),
-            )
-            .await
-            .map_err(|err| db_error(what(), err))?;
-        let highest: i64 = row.try_get(0).map_err(|err| db_error(what(), err))?;
-        if highest == stored {
-            return Ok(());
-        }
-        Err(Error::StaleToken {
-            resource: resource.to_owned(),
-            token,
-            highest: FencingToken(u64::try_from(highest).unwrap_or(u64::MAX)),
-        })
+        self.inner.fence.admit_in(executor, resource, token).await
     }
 
     /// The highest token admitted for `resource`, if any.
@@ -171,36 +144,18 @@ impl SqliteFenceGate {
     /// # Errors
     /// [`Error::Backend`] if the read fails.
     pub async fn highest(&self, resource: &str) -> Result<Option<FencingToken>> {
-        let what = || self.context(format_args!("read the highest token of `{resource}`"));
-        let row = sqlx::query(&self.inner.queries.highest)
-            .bind(resource)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|err| db_error(what(), err))?;
-        row.map(|row| {
-            let token: i64 = row.try_get(0).map_err(|err| db_error(what(), err))?;
-            Ok(FencingToken(u64::try_from(token).unwrap_or(0)))
-        })
-        .transpose()
+        self.inner.fence.highest(resource).await
     }
 
     /// The pool the gate uses on its own (for [`FenceGate::admit`]); begin the
     /// transactions that call [`admit_in`](Self::admit_in) on it.
     pub fn pool(&self) -> &SqlitePool {
-        &self.inner.pool
+        self.inner.fence.pool()
     }
 
     /// The gate's table.
     pub fn table(&self) -> &str {
-        &self.inner.table
-    }
-
-    fn context(&self, what: impl fmt::Display) -> String {
-        format!(
-            "{what} in `{}` (table `{}`)",
-            self.inner.path.display(),
-            self.inner.table
-        )
+        self.inner.fence.table()
     }
 }
 
@@ -209,6 +164,49 @@ impl FenceGate for SqliteFenceGate {
     /// Admits `token` in a statement of its own on the gate's pool; use
     /// [`admit_in`](SqliteFenceGate::admit_in) to tie the check to a write.
     async fn admit(&self, resource: &str, token: FencingToken) -> Result<()> {
-        self.admit_in(&self.inner.pool, resource, token).await
+        self.admit_in(self.pool(), resource, token).await
+    }
+}
+
+/// SQLite's gate SQL: the stored token comes back through `RETURNING`.
+impl FenceSql for FenceQueries {
+    type Db = Sqlite;
+    const STORE: &'static str = STORE;
+    const TOKEN_TYPE: &'static str = "SQLite's INTEGER";
+
+    fn is_temporary(err: &sqlx::Error) -> bool {
+        is_temporary(err)
+    }
+
+    async fn create(&self, pool: &SqlitePool) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.create_table)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    fn admit<'e, 'c: 'e, E>(
+        &'e self,
+        executor: E,
+        resource: &'e str,
+        token: i64,
+    ) -> BoxFuture<'e, Result<i64, sqlx::Error>>
+    where
+        E: 'e + Executor<'c, Database = Sqlite>,
+    {
+        Box::pin(async move {
+            let row = executor
+                .fetch_one(sqlx::query(&self.admit).bind(resource).bind(token))
+                .await?;
+            row.try_get(0)
+        })
+    }
+
+    async fn highest(&self, pool: &SqlitePool, resource: &str) -> Result<Option<i64>, sqlx::Error> {
+        let row = sqlx::query(&self.highest)
+            .bind(resource)
+            .fetch_optional(pool)
+            .await?;
+        row.map(|row| row.try_get(0)).transpose()
     }
 }

@@ -1,0 +1,246 @@
+//! What the Postgres and MySQL backends do alike, written once: lease mode through a
+//! [`LeaseStore`], session mode through [`SessionLocks`] on a connection per lock, and
+//! the choice between them for every call.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fencelock_core::{
+    AcquireRequest, Capabilities, Error, Lease, LeaseKind, LockName, LockState, Result,
+    WaitDeadline, WaitKind,
+};
+use sqlx::Pool;
+
+use crate::lease::{Dialect, LeaseStore};
+use crate::session_table::{SessionLocks, SessionStatements};
+
+/// Why a session-mode attempt failed.
+#[derive(Debug)]
+pub(crate) enum SessionError {
+    /// A statement failed.
+    Sql(sqlx::Error),
+    /// The statements of one connection ran in different server sessions, or the lock
+    /// was not held by the server session that took it: a pooling proxy is in between.
+    PoolingProxy,
+}
+
+impl From<sqlx::Error> for SessionError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Sql(err)
+    }
+}
+
+/// A server's session-mode SQL: taking a lock on a connection of its own, ending
+/// another client's, and reading the holder.
+pub(crate) trait SessionMode: SessionStatements<Conn: 'static> + Sized + 'static {
+    /// The database.
+    type Db: sqlx::Database;
+
+    /// Takes the lock of `key`, waiting in the server's queue as `deadline` allows:
+    /// `Some` lease if granted, `None` if still held when waiting ends.
+    fn acquire(
+        &self,
+        locks: &Arc<SessionLocks<Self::Conn>>,
+        pool: &Pool<Self::Db>,
+        req: &AcquireRequest,
+        key: &str,
+        deadline: &WaitDeadline,
+    ) -> impl Future<Output = Result<Option<Lease>, SessionError>> + Send;
+
+    /// Ends the server session that holds `lease` for another client; whether it did.
+    fn release_elsewhere(
+        &self,
+        pool: &Pool<Self::Db>,
+        lease: &Lease,
+        key: &str,
+    ) -> impl Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    /// The holder of `key`, if a session holds its lock now.
+    fn holder(
+        &self,
+        pool: &Pool<Self::Db>,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<LockState>, sqlx::Error>> + Send;
+}
+
+/// The locks of a server backend, in lease or session mode.
+pub(crate) struct ServerLocks<D: Dialect, S: SessionMode<Db = D::Db>> {
+    lease: LeaseStore<D>,
+    /// Set in session mode.
+    session: Option<Session<S>>,
+    /// What [`Error::Unsupported`] says when a pooling proxy is in between.
+    pooling_proxy: String,
+}
+
+struct Session<S: SessionMode> {
+    locks: Arc<SessionLocks<S::Conn>>,
+    queries: S,
+}
+
+impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
+    /// Locks through `lease`, or in session mode with `session`'s SQL when given.
+    pub(crate) fn new(lease: LeaseStore<D>, session: Option<S>, pooling_proxy: String) -> Self {
+        Self {
+            lease,
+            session: session.map(|queries| Session {
+                locks: Arc::new(SessionLocks::new(D::STORE)),
+                queries,
+            }),
+            pooling_proxy,
+        }
+    }
+
+    /// The lease-mode store (its pool serves session mode too).
+    pub(crate) fn lease(&self) -> &LeaseStore<D> {
+        &self.lease
+    }
+
+    /// Notify or poll waiting in lease mode as the dialect says; in session mode the
+    /// server's queue wakes the waiter.
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            store: D::STORE,
+            fencing: true,
+            fifo: false,
+            wait: if self.session.is_some() {
+                WaitKind::Notify
+            } else {
+                D::WAIT
+            },
+            lease: if self.session.is_some() {
+                LeaseKind::Session
+            } else {
+                LeaseKind::Ttl
+            },
+            shared_between_processes: true,
+        }
+    }
+
+    /// [`LockBackend::acquire`](fencelock_core::LockBackend::acquire).
+    pub(crate) async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
+        let key = self.lease.key(&req.name);
+        let Some(session) = &self.session else {
+            return self.lease.acquire(&req, &key).await;
+        };
+        // The server's queue does the waiting.
+        let deadline = WaitDeadline::start(req.wait);
+        let attempt = (session.queries)
+            .acquire(&session.locks, self.lease.pool(), &req, &key, &deadline)
+            .await;
+        attempt
+            .map_err(|err| match err {
+                SessionError::Sql(err) => self
+                    .lease
+                    .failed(format_args!("acquire `{}`", req.name), err),
+                SessionError::PoolingProxy => Error::Unsupported {
+                    store: D::STORE,
+                    what: self.pooling_proxy.clone(),
+                },
+            })?
+            .ok_or_else(|| deadline.give_up(&req.name, D::STORE))
+    }
+
+    /// [`LockBackend::renew`](fencelock_core::LockBackend::renew).
+    pub(crate) async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let Some(session) = &self.session else {
+            return self.lease.renew(lease, ttl).await;
+        };
+        let key = self.lease.key(lease.name());
+        session
+            .locks
+            .renew(&session.queries, lease, &key, ttl)
+            .await
+    }
+
+    /// [`LockBackend::renew_all`](fencelock_core::LockBackend::renew_all).
+    pub(crate) async fn renew_all(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
+        if self.session.is_none() {
+            return self.lease.renew_all(leases).await;
+        }
+        // One probe per held connection: there is nothing to batch.
+        let renewals = leases.iter().map(|(lease, ttl)| self.renew(lease, *ttl));
+        futures_util::future::join_all(renewals).await
+    }
+
+    /// [`LockBackend::release`](fencelock_core::LockBackend::release).
+    pub(crate) async fn release(&self, lease: &Lease) -> Result<()> {
+        let Some(session) = &self.session else {
+            return self.lease.release(lease).await;
+        };
+        let key = self.lease.key(lease.name());
+        let queries = &session.queries;
+        let released = match session.locks.release(queries, lease, &key).await {
+            Some(released) => released,
+            None => queries
+                .release_elsewhere(self.lease.pool(), lease, &key)
+                .await
+                .map_err(|err| {
+                    (self.lease).failed(format_args!("release `{}`", lease.name()), err)
+                })?
+                .then_some(())
+                .ok_or_else(|| LeaseStore::<D>::lost(lease)),
+        };
+        self.lease.wake(&key);
+        released
+    }
+
+    /// [`LockBackend::inspect`](fencelock_core::LockBackend::inspect).
+    pub(crate) async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
+        let key = self.lease.key(name);
+        let Some(session) = &self.session else {
+            return self.lease.holder(&key, name).await;
+        };
+        (session.queries)
+            .holder(self.lease.pool(), &key)
+            .await
+            .map_err(|err| (self.lease).failed(format_args!("read the holder of `{name}`"), err))
+    }
+}
+
+/// Implements [`LockBackend`](fencelock_core::LockBackend) for a server backend type
+/// by handing every call to the [`ServerLocks`] its `locks()` returns.
+macro_rules! lock_backend_on_server_locks {
+    ($backend:ty) => {
+        #[fencelock_core::async_trait]
+        impl fencelock_core::LockBackend for $backend {
+            fn capabilities(&self) -> fencelock_core::Capabilities {
+                self.locks().capabilities()
+            }
+
+            async fn acquire(
+                &self,
+                req: fencelock_core::AcquireRequest,
+            ) -> fencelock_core::Result<fencelock_core::Lease> {
+                self.locks().acquire(req).await
+            }
+
+            async fn renew(
+                &self,
+                lease: &fencelock_core::Lease,
+                ttl: std::time::Duration,
+            ) -> fencelock_core::Result<fencelock_core::Lease> {
+                self.locks().renew(lease, ttl).await
+            }
+
+            async fn renew_all(
+                &self,
+                leases: &[(fencelock_core::Lease, std::time::Duration)],
+            ) -> Vec<fencelock_core::Result<fencelock_core::Lease>> {
+                self.locks().renew_all(leases).await
+            }
+
+            async fn release(&self, lease: &fencelock_core::Lease) -> fencelock_core::Result<()> {
+                self.locks().release(lease).await
+            }
+
+            async fn inspect(
+                &self,
+                name: &fencelock_core::LockName,
+            ) -> fencelock_core::Result<Option<fencelock_core::LockState>> {
+                self.locks().inspect(name).await
+            }
+        }
+    };
+}
+pub(crate) use lock_backend_on_server_locks;
