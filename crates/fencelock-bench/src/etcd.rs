@@ -1,11 +1,14 @@
 //! etcd: the library against etcd-client doing one put-if-absent txn with a lease and
 //! one delete by hand.
+//! etcd's Lock RPC joins S1 as a peer; in S4 fencelock also hands off against it and
+//! against a put + watch floor done by hand (`peers::etcd`).
 
 use etcd_client::{Client, Compare, CompareOp, KvClient, PutOptions, Txn, TxnOp};
 use fencelock_conformance::harness::{EtcdServer, Server};
 
 use crate::library;
 use crate::measure::{Plan, Result, Role, Variant, interleaved};
+use crate::peers;
 use crate::report::{OpCount, Report};
 
 /// The floor's lease: long enough for the whole run, so it needs no keep-alive.
@@ -25,15 +28,18 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         .id();
 
     let lib = fencelock::connect(&server.url()).await?;
+    let endpoint = format!("http://{}", server.addr());
     let mut variants = vec![
         library::acquire_release("fencelock etcd", lib, "bench-s1"),
         floor(client.kv_client(), lease),
+        peers::etcd::acquire_release(&endpoint, "bench-s1-peer").await?,
     ];
     let samples = interleaved(&mut variants, plan).await?;
     report.add_acquire_release("etcd", &variants, samples, 1, |_| Some(1.2));
 
     let mut kv = client.kv_client();
-    for variant in &mut variants {
+    // The library and the floor; the Lock RPC peer is not counted.
+    for variant in &mut variants[..2] {
         let before = revision(&mut kv).await?;
         variant.run(plan.counted_cycles).await?;
         let after = revision(&mut kv).await?;
@@ -51,6 +57,16 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let mut get = round_trip(client.kv_client());
     let measured = library::handoff(&server.url(), "bench-s4", &mut get, plan).await?;
     report.add_handoff("etcd", &get, measured, Some(2.0));
+
+    let name = "bench-s4-peers";
+    let ours = peers::Handoff::new(
+        "fencelock etcd",
+        Role::Library,
+        peers::fencelock_side(fencelock::connect(&server.url()).await?, name),
+        peers::fencelock_side(fencelock::connect(&server.url()).await?, name),
+    );
+    let others = peers::etcd::handoffs(&endpoint, name).await?;
+    peers::compare_handoffs("etcd", ours, others, plan, report).await?;
     Ok(())
 }
 

@@ -59,6 +59,8 @@ pub(crate) enum Role {
     Library,
     /// The same client crate doing the minimal commands by hand.
     Floor,
+    /// A crate a user would pick instead of fencelock.
+    Peer,
 }
 
 impl Role {
@@ -66,6 +68,7 @@ impl Role {
         match self {
             Role::Library => "library",
             Role::Floor => "floor",
+            Role::Peer => "peer",
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Redis and Redlock: the library on one node and on 3 and 5 nodes, against redis-rs
 //! sending `SET NX PX` and a compare-and-delete script by hand on one node.
+//! With the `peers` feature, rslock and distributed-lock join S1 and hand off against
+//! fencelock in S4 (`peers::redis`); S6 runs last (`peers::s6`).
 
 use std::collections::BTreeMap;
 
@@ -9,6 +11,7 @@ use redis::aio::ConnectionManager;
 
 use crate::library::{self, TTL};
 use crate::measure::{Plan, Result, Role, Variant, interleaved};
+use crate::peers;
 use crate::report::{OpCount, Report};
 
 const COMPARE_AND_DELETE: &str = r"
@@ -42,6 +45,16 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> Result<()> {
         library::acquire_release("fencelock redlock (3 nodes)", lib3, "bench-s1-rl3"),
         library::acquire_release("fencelock redlock (5 nodes)", lib5, "bench-s1-rl5"),
     ];
+    #[cfg(feature = "peers")]
+    let (one_node, five_nodes) = (
+        vec![single.url()],
+        servers.iter().map(|s| s.url()).collect::<Vec<_>>(),
+    );
+    #[cfg(feature = "peers")]
+    {
+        variants.extend(peers::redis::acquire_release(&one_node, "bench-s1-peer").await?);
+        variants.extend(peers::redis::acquire_release(&five_nodes, "bench-s1-peer5").await?);
+    }
     let samples = interleaved(&mut variants, plan).await?;
     // Issue 4's targets: 1.2× for one node, 1.5× for Redlock over 5; none for 3 nodes.
     report.add_acquire_release("redis", &variants, samples, 1, |variant| {
@@ -85,6 +98,30 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let mut round_trip = ping(conn, "PING (1 node)");
     let measured = library::handoff(&redlock5, "bench-s4-rl5", &mut round_trip, plan).await?;
     report.add_handoff("redlock (5 nodes)", &round_trip, measured, None);
+
+    #[cfg(feature = "peers")]
+    {
+        let took = peers::redis::distributed_lock_acquire_does_not_wait(&one_node).await?;
+        eprintln!(
+            "  distributed-lock-redis: acquire(Some(2 s)) on a held lock gave up after {took:?}"
+        );
+        for (store, url, nodes) in [
+            ("redis", single.url(), &one_node),
+            ("redlock (5 nodes)", redlock5.clone(), &five_nodes),
+        ] {
+            let name = format!("bench-s4-peers-{}", nodes.len());
+            let ours = peers::Handoff::new(
+                format!("fencelock {store}"),
+                Role::Library,
+                peers::fencelock_side(fencelock::connect(&url).await?, &name),
+                peers::fencelock_side(fencelock::connect(&url).await?, &name),
+            );
+            let others = peers::redis::handoffs(nodes, &name).await?;
+            peers::compare_handoffs(store, ours, others, plan, report).await?;
+        }
+    }
+
+    peers::s6::run(&servers, plan, report).await?;
     Ok(())
 }
 

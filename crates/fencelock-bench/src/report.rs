@@ -50,12 +50,72 @@ pub(crate) struct OpCount {
     pub(crate) detail: String,
 }
 
+/// S2: many clients, each on a name of its own.
+#[derive(Debug)]
+pub(crate) struct Distinct {
+    pub(crate) store: String,
+    pub(crate) clients: usize,
+    pub(crate) cycles: usize,
+    pub(crate) seconds: f64,
+    pub(crate) per_second: f64,
+    pub(crate) p99_us: f64,
+}
+
+/// S3: one hot lock, `contenders` clients, each holding it `hold_ms` per grant.
+#[derive(Debug)]
+pub(crate) struct HotLock {
+    pub(crate) store: String,
+    pub(crate) contenders: usize,
+    pub(crate) hold_ms: u64,
+    pub(crate) grants: usize,
+    pub(crate) seconds: f64,
+    pub(crate) per_second: f64,
+    /// Jain's index over the grants of each contender: 1 is perfectly even.
+    pub(crate) jain: f64,
+    pub(crate) p99_wait_us: f64,
+    pub(crate) max_wait_us: f64,
+    /// Waits that ended without a grant.
+    pub(crate) timeouts: usize,
+}
+
+/// S5: many locks held at once, renewed by the watchdog.
+#[derive(Debug)]
+pub(crate) struct HeldMany {
+    pub(crate) store: String,
+    pub(crate) locks: usize,
+    pub(crate) held_s: f64,
+    pub(crate) ttl_s: f64,
+    /// Renewal requests per second as the server counts them, and what was counted.
+    pub(crate) renewals_per_second: Option<f64>,
+    pub(crate) counted: String,
+    pub(crate) bytes_per_lock: f64,
+    pub(crate) lost: usize,
+}
+
+/// S7: the holder's process killed, time until the next client is granted.
+#[derive(Debug)]
+pub(crate) struct Takeover {
+    pub(crate) store: String,
+    pub(crate) runs: usize,
+    pub(crate) p50_ms: f64,
+    pub(crate) max_ms: f64,
+    /// What bounds it: the lease TTL or the session timeout, and its length.
+    pub(crate) bound: String,
+    pub(crate) bound_ms: f64,
+}
+
 /// Everything one run measured.
 #[derive(Debug, Default)]
 pub(crate) struct Report {
     pub(crate) acquire_release: Vec<AcquireRelease>,
     pub(crate) handoffs: Vec<Handoff>,
     pub(crate) op_counts: Vec<OpCount>,
+    pub(crate) distinct: Vec<Distinct>,
+    pub(crate) hot_lock: Vec<HotLock>,
+    pub(crate) held_many: Vec<HeldMany>,
+    pub(crate) takeovers: Vec<Takeover>,
+    /// What a run left out or measured differently from the issue, one line each.
+    pub(crate) notes: Vec<String>,
 }
 
 impl Report {
@@ -86,7 +146,7 @@ impl Report {
                 p99_ratio: p99 / floor_p99,
                 target: match variant.role {
                     Role::Library => target(variant),
-                    Role::Floor => None,
+                    Role::Floor | Role::Peer => None,
                 },
             });
         }
@@ -114,6 +174,54 @@ impl Report {
         });
     }
 
+    /// Every target of issue 9 that this run measured, one line each: what was
+    /// measured and whether it was met.
+    pub(crate) fn targets(&self) -> Vec<(String, bool)> {
+        let mut lines = Vec::new();
+        for row in &self.acquire_release {
+            if let Some(bound) = row.target {
+                lines.push((
+                    format!(
+                        "S1 {} / {}: p50 {:.2}× {} (target ≤ {bound}×)",
+                        row.store, row.variant, row.p50_ratio, row.floor
+                    ),
+                    row.p50_ratio <= bound,
+                ));
+            }
+        }
+        for row in &self.handoffs {
+            if let Some(bound) = row.target {
+                lines.push((
+                    format!(
+                        "S4 {}: hand-off p50 {:.1}× {} (target ≤ {bound}×)",
+                        row.store, row.ratio, row.round_trip
+                    ),
+                    row.ratio <= bound,
+                ));
+            }
+        }
+        for row in self.hot_lock.iter().filter(|row| row.contenders == 8) {
+            lines.push((
+                format!(
+                    "S3 {}: Jain fairness {:.3} with 8 contenders, hold {} ms (target ≥ 0.9)",
+                    row.store, row.jain, row.hold_ms
+                ),
+                row.jain >= 0.9,
+            ));
+        }
+        for row in &self.held_many {
+            lines.push((
+                format!(
+                    "S5 {}: {} of {} locks lost, {:.0} B of client memory per held lock \
+                     (target 0 lost, ≤ 1024 B)",
+                    row.store, row.lost, row.locks, row.bytes_per_lock
+                ),
+                row.lost == 0 && row.bytes_per_lock <= 1024.0,
+            ));
+        }
+        lines
+    }
+
     /// The op counts that differ from what the code expects, one line each.
     pub(crate) fn unexpected_op_counts(&self) -> Vec<String> {
         self.op_counts
@@ -137,6 +245,15 @@ impl Report {
     pub(crate) fn markdown(&self, header: &str) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "{header}\n");
+        let targets = self.targets();
+        if !targets.is_empty() {
+            out.push_str("### Targets (issue 9)\n\n");
+            for (line, met) in &targets {
+                let verdict = if *met { "met" } else { "**not met**" };
+                let _ = writeln!(out, "- {line}: {verdict}");
+            }
+            out.push('\n');
+        }
         out.push_str(
             "### S1 uncontended acquire+release\n\n\
              | store | variant | cycles | p50 µs | p99 µs | p50 × floor | p99 × floor | target (p50) |\n\
@@ -187,6 +304,92 @@ impl Report {
                 row.store, row.variant, row.unit, row.per_cycle, row.expected, row.detail
             );
         }
+        if !self.distinct.is_empty() {
+            out.push_str(
+                "\n### S2 clients on distinct names (fencelock)\n\n\
+                 | store | clients | cycles | s | acquire+release /s | p99 µs |\n\
+                 |---|---:|---:|---:|---:|---:|\n",
+            );
+            for row in &self.distinct {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {:.1} | {:.0} | {:.0} |",
+                    row.store, row.clients, row.cycles, row.seconds, row.per_second, row.p99_us
+                );
+            }
+        }
+        if !self.hot_lock.is_empty() {
+            out.push_str(
+                "\n### S3 one hot lock (fencelock)\n\n\
+                 | store | contenders | hold ms | grants | grants /s | Jain | p99 wait ms | max wait ms | timeouts |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            );
+            for row in &self.hot_lock {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {:.0} | {:.3} | {:.1} | {:.1} | {} |",
+                    row.store,
+                    row.contenders,
+                    row.hold_ms,
+                    row.grants,
+                    row.per_second,
+                    row.jain,
+                    row.p99_wait_us / 1000.0,
+                    row.max_wait_us / 1000.0,
+                    row.timeouts,
+                );
+            }
+        }
+        if !self.held_many.is_empty() {
+            out.push_str(
+                "\n### S5 many locks held, renewed by the watchdog (fencelock)\n\n\
+                 | store | locks | held s | TTL s | renewal requests /s | counted | client bytes per lock | lost |\n\
+                 |---|---:|---:|---:|---:|---|---:|---:|\n",
+            );
+            for row in &self.held_many {
+                let renewals = row
+                    .renewals_per_second
+                    .map_or_else(|| "—".to_owned(), |rate| format!("{rate:.1}"));
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.0} | {} | {} | {:.0} | {} |",
+                    row.store,
+                    row.locks,
+                    row.held_s,
+                    row.ttl_s,
+                    renewals,
+                    row.counted,
+                    row.bytes_per_lock,
+                    row.lost,
+                );
+            }
+        }
+        if !self.takeovers.is_empty() {
+            out.push_str(
+                "\n### S7 holder process killed → next holder granted (fencelock)\n\n\
+                 | store | runs | p50 ms | max ms | bounded by | bound ms | p50 × bound |\n\
+                 |---|---:|---:|---:|---|---:|---:|\n",
+            );
+            for row in &self.takeovers {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.2} |",
+                    row.store,
+                    row.runs,
+                    row.p50_ms,
+                    row.max_ms,
+                    row.bound,
+                    row.bound_ms,
+                    row.p50_ms / row.bound_ms,
+                );
+            }
+        }
+        if !self.notes.is_empty() {
+            out.push_str("\n### Notes\n\n");
+            for note in &self.notes {
+                let _ = writeln!(out, "- {note}");
+            }
+        }
         out
     }
 
@@ -228,14 +431,81 @@ impl Report {
                 })
             })
             .collect();
+        let s2: Vec<Value> = self
+            .distinct
+            .iter()
+            .map(|row| {
+                json!({
+                    "store": row.store, "clients": row.clients, "cycles": row.cycles,
+                    "seconds": row.seconds, "per_second": row.per_second, "p99_us": row.p99_us,
+                })
+            })
+            .collect();
+        let s3: Vec<Value> = self
+            .hot_lock
+            .iter()
+            .map(|row| {
+                json!({
+                    "store": row.store, "contenders": row.contenders, "hold_ms": row.hold_ms,
+                    "grants": row.grants, "seconds": row.seconds, "per_second": row.per_second,
+                    "jain": row.jain, "p99_wait_us": row.p99_wait_us,
+                    "max_wait_us": row.max_wait_us, "timeouts": row.timeouts,
+                })
+            })
+            .collect();
+        let s5: Vec<Value> = self
+            .held_many
+            .iter()
+            .map(|row| {
+                json!({
+                    "store": row.store, "locks": row.locks, "held_s": row.held_s,
+                    "ttl_s": row.ttl_s, "renewals_per_second": row.renewals_per_second,
+                    "counted": row.counted, "bytes_per_lock": row.bytes_per_lock,
+                    "lost": row.lost,
+                })
+            })
+            .collect();
+        let s7: Vec<Value> = self
+            .takeovers
+            .iter()
+            .map(|row| {
+                json!({
+                    "store": row.store, "runs": row.runs, "p50_ms": row.p50_ms,
+                    "max_ms": row.max_ms, "bound": row.bound, "bound_ms": row.bound_ms,
+                })
+            })
+            .collect();
+        let targets: Vec<Value> = self
+            .targets()
+            .into_iter()
+            .map(|(line, met)| json!({ "target": line, "met": met }))
+            .collect();
+        let mut all_notes: Vec<String> = notes.iter().map(|note| (*note).to_owned()).collect();
+        all_notes.extend(self.notes.iter().cloned());
         json!({
             "mode": mode,
-            "notes": notes,
+            "notes": all_notes,
+            "targets": targets,
             "s1_acquire_release": s1,
             "s4_handoff": s4,
             "server_ops_per_cycle": ops,
+            "s2_distinct_names": s2,
+            "s3_hot_lock": s3,
+            "s5_held_many": s5,
+            "s7_holder_killed": s7,
         })
     }
+}
+
+/// Jain's fairness index of `shares`: `(Σx)² / (n·Σx²)`, 1 when all are equal, `1/n`
+/// when one takes everything; 1 for no shares at all.
+pub(crate) fn jain(shares: &[f64]) -> f64 {
+    let sum: f64 = shares.iter().sum();
+    let squares: f64 = shares.iter().map(|x| x * x).sum();
+    if shares.is_empty() || squares == 0.0 {
+        return 1.0;
+    }
+    sum * sum / (shares.len() as f64 * squares)
 }
 
 fn verdict(ratio: f64, target: Option<f64>) -> String {
@@ -243,5 +513,18 @@ fn verdict(ratio: f64, target: Option<f64>) -> String {
         Some(bound) if ratio <= bound => format!("≤ {bound}×: met"),
         Some(bound) => format!("≤ {bound}×: **not met**"),
         None => "—".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jain_index_is_one_when_even_and_one_over_n_when_one_takes_all() {
+        assert_eq!(jain(&[5.0, 5.0, 5.0, 5.0]), 1.0);
+        assert_eq!(jain(&[8.0, 0.0, 0.0, 0.0]), 0.25);
+        let skewed = jain(&[3.0, 1.0]);
+        assert!((skewed - 0.8).abs() < 1e-12, "{skewed}");
     }
 }

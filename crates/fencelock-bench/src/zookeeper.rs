@@ -1,5 +1,8 @@
 //! ZooKeeper: the library against zookeeper-client creating an ephemeral-sequential
 //! node, listing the children and deleting the node by hand.
+//! zookeeper-client's lock recipe joins S1 as a peer; in S4 fencelock also hands off
+//! against it and against an exists-watch floor done by hand
+//! (`peers::zookeeper`).
 
 use std::time::Duration;
 
@@ -8,6 +11,7 @@ use zookeeper_client::{Acls, Client, CreateMode};
 
 use crate::library;
 use crate::measure::{Plan, Result, Role, Variant, interleaved};
+use crate::peers;
 use crate::report::Report;
 
 const FLOOR_DIR: &str = "/bench-floor";
@@ -26,9 +30,11 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     }
 
     let lib = fencelock::connect(&server.url()).await?;
+    let addr = server.addr().to_string();
     let mut variants = vec![
         library::acquire_release("fencelock zookeeper", lib, "bench-s1"),
         floor(client.clone()),
+        peers::zookeeper::acquire_release(&addr, "s1").await?,
     ];
     let samples = interleaved(&mut variants, plan).await?;
     report.add_acquire_release("zookeeper", &variants, samples, 1, |_| Some(1.2));
@@ -36,6 +42,16 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> Result<()> {
     let mut exists = round_trip(client);
     let measured = library::handoff(&server.url(), "bench-s4", &mut exists, plan).await?;
     report.add_handoff("zookeeper", &exists, measured, None);
+
+    let name = "bench-s4-peers";
+    let ours = peers::Handoff::new(
+        "fencelock zookeeper",
+        Role::Library,
+        peers::fencelock_side(fencelock::connect(&server.url()).await?, name),
+        peers::fencelock_side(fencelock::connect(&server.url()).await?, name),
+    );
+    let others = peers::zookeeper::handoffs(&addr, "s4").await?;
+    peers::compare_handoffs("zookeeper", ours, others, plan, report).await?;
     Ok(())
 }
 
