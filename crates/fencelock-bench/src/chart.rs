@@ -103,7 +103,10 @@ pub(crate) fn svg(report: &Report, title: &str) -> String {
             r##"<line x1="{at:.1}" y1="{TOP}" x2="{at:.1}" y2="{bottom}"{dash}/>
 <text x="{at:.1}" y="{:.1}" text-anchor="middle" fill="#555">{}×</text>"##,
             bottom + 14.0,
-            (tick * 100.0).round() / 100.0
+            // Ticks are 1, 2 and 5 times a power of ten: shortest exact text.
+            format!("{tick:.3}")
+                .trim_end_matches('0')
+                .trim_end_matches('.')
         );
     }
     let mut y = TOP;
