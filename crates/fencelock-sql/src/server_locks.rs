@@ -80,13 +80,17 @@ struct Session<S: SessionMode> {
 
 impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
     /// Locks through `lease`, or in session mode with `session`'s SQL when given.
+    /// Session mode keeps at most the pool's size of cleanly released connections for
+    /// reuse.
     pub(crate) fn new(lease: LeaseStore<D>, session: Option<S>, pooling_proxy: String) -> Self {
+        let idle_max =
+            usize::try_from(lease.pool().options().get_max_connections()).unwrap_or(usize::MAX);
         Self {
-            lease,
             session: session.map(|queries| Session {
-                locks: Arc::new(SessionLocks::new(D::STORE)),
+                locks: Arc::new(SessionLocks::new(D::STORE, idle_max)),
                 queries,
             }),
+            lease,
             pooling_proxy,
         }
     }

@@ -2,14 +2,22 @@
 //! of its own, ended when its TTL passes without a renewal, renewed by probing its
 //! connection, released by unlocking on it. The SQL of the probe and the unlock is the
 //! store's ([`SessionStatements`]); the bookkeeping is written once here.
+//!
+//! A connection whose lock was released cleanly (the unlock succeeded, so its server
+//! session holds nothing of ours) is kept on a small idle list, at most the pool's
+//! size, for the next session acquire, which takes it before asking the pool: opening
+//! a server session per lock is most of a lock cycle's cost. Every other end of a
+//! lock (a failed probe or unlock, the TTL running out) closes the connection.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fencelock_core::{Error, Lease, LossReason, Result, valid_until};
-use sqlx::Connection;
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Database};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -43,6 +51,55 @@ pub(crate) trait SessionStatements: Send + Sync {
 pub(crate) struct SessionLocks<C> {
     store: &'static str,
     held: Mutex<HashMap<String, Arc<Held<C>>>>,
+    /// Connections released cleanly, out of the pool, for the next acquire.
+    idle: Mutex<Vec<C>>,
+    /// The most connections `idle` keeps.
+    idle_max: usize,
+}
+
+/// The connection of a session-mode attempt: from the pool, or kept from a clean
+/// release.
+#[derive(Debug)]
+pub(crate) enum SessionConn<DB: Database> {
+    /// Out of the pool; dropped, it goes back.
+    Pooled(PoolConnection<DB>),
+    /// Off the idle list; it may have died while idle.
+    Reused(DB::Connection),
+}
+
+impl<DB: Database> SessionConn<DB> {
+    /// Whether it came off the idle list.
+    pub(crate) fn is_reused(&self) -> bool {
+        matches!(self, Self::Reused(_))
+    }
+
+    /// The connection, no longer counted by the pool.
+    pub(crate) fn detach(self) -> DB::Connection {
+        match self {
+            Self::Pooled(conn) => conn.detach(),
+            Self::Reused(conn) => conn,
+        }
+    }
+}
+
+impl<DB: Database> Deref for SessionConn<DB> {
+    type Target = DB::Connection;
+
+    fn deref(&self) -> &DB::Connection {
+        match self {
+            Self::Pooled(conn) => conn,
+            Self::Reused(conn) => conn,
+        }
+    }
+}
+
+impl<DB: Database> DerefMut for SessionConn<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        match self {
+            Self::Pooled(conn) => conn,
+            Self::Reused(conn) => conn,
+        }
+    }
 }
 
 /// One held session lock: its connection and when its TTL ends.
@@ -71,12 +128,45 @@ async fn close<C: Connection>(conn: Option<C>) {
 }
 
 impl<C: Connection + 'static> SessionLocks<C> {
-    /// No locks yet, for `store` (its name in errors and logs).
-    pub(crate) fn new(store: &'static str) -> Self {
+    /// No locks yet, for `store` (its name in errors and logs); keeps at most
+    /// `idle_max` cleanly released connections for reuse.
+    pub(crate) fn new(store: &'static str, idle_max: usize) -> Self {
         Self {
             store,
             held: Mutex::default(),
+            idle: Mutex::default(),
+            idle_max,
         }
+    }
+
+    /// A connection kept from a clean release, if there is one (the most recently
+    /// kept: the least likely to have been closed by the server while idle).
+    pub(crate) fn reuse(&self) -> Option<C> {
+        locked(&self.idle).pop()
+    }
+
+    /// Ends an attempt that took nothing and changed no session state: a pool
+    /// connection goes back to the pool, a reused one back on the idle list.
+    pub(crate) async fn put_back<DB: Database<Connection = C>>(&self, conn: SessionConn<DB>) {
+        match conn {
+            SessionConn::Pooled(conn) => drop(conn),
+            SessionConn::Reused(conn) => self.keep(conn).await,
+        }
+    }
+
+    /// Keeps `conn`, whose server session holds nothing of ours and has no session
+    /// state left from a lock, for the next acquire; closes it if enough are kept.
+    pub(crate) async fn keep(&self, conn: C) {
+        let spare = {
+            let mut idle = locked(&self.idle);
+            if idle.len() < self.idle_max {
+                idle.push(conn);
+                None
+            } else {
+                Some(conn)
+            }
+        };
+        close(spare).await;
     }
 
     fn lost(&self, lease: &Lease, reason: LossReason) -> Error {
@@ -177,8 +267,9 @@ impl<C: Connection + 'static> SessionLocks<C> {
         Ok(lease.clone().renewed(valid_until(sent, ttl)))
     }
 
-    /// Unlocks and closes the lock's connection; `Lost` if the lock was not held any
-    /// more. `None` if this backend does not hold the lease.
+    /// Unlocks on the lock's connection, then keeps it for reuse if the unlock
+    /// succeeded and closes it otherwise; `Lost` if the lock was not held any more.
+    /// `None` if this backend does not hold the lease.
     pub(crate) async fn release<S: SessionStatements<Conn = C>>(
         &self,
         statements: &S,
@@ -199,7 +290,10 @@ impl<C: Connection + 'static> SessionLocks<C> {
             }
             None => false,
         };
-        close(conn.take()).await;
+        match conn.take() {
+            Some(conn) if unlocked => self.keep(conn).await,
+            conn => close(conn).await,
+        }
         Some(if unlocked {
             Ok(())
         } else {

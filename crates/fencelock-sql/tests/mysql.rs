@@ -509,3 +509,123 @@ async fn lease_mode_acquire_and_release_are_exactly_two_statements() {
     })
     .await;
 }
+
+/// Connections the server has accepted since it started (`Connections`).
+async fn connections_accepted(operator: &MySqlBackend) -> i64 {
+    let (_, value): (String, String) = sqlx::query_as("SHOW GLOBAL STATUS LIKE 'Connections'")
+        .fetch_one(operator.pool())
+        .await
+        .unwrap();
+    value.parse().unwrap()
+}
+
+/// Waits until server session `id` has ended (checked every 10 ms, at most 1,000
+/// times); whether it did.
+async fn session_ends(operator: &MySqlBackend, id: i64) -> bool {
+    for _ in 0..1000 {
+        if !session_exists(operator, id).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_20_lock_cycles_open_no_new_connection() {
+    bounded(async {
+        let server = server().await;
+        let backend = MySqlBackend::open(&format!("{}?mode=session", server.url()))
+            .await
+            .unwrap();
+        let operator = open(&server).await;
+        // One cycle first: it opens the connection the others reuse.
+        let first = backend.acquire(request("reuse", HOUR)).await.unwrap();
+        let holder = named_lock_holder(&operator, "reuse").await.unwrap();
+        backend.release(&first).await.unwrap();
+        let before = connections_accepted(&operator).await;
+        let mut last = first.token();
+        for cycle in 0..20 {
+            // Both ways of taking the lock: trying, and waiting in `GET_LOCK`.
+            let mut req = request("reuse", HOUR);
+            if cycle % 2 == 1 {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let lease = backend.acquire(req).await.unwrap();
+            assert!(lease.token() > last);
+            last = lease.token();
+            assert_eq!(named_lock_holder(&operator, "reuse").await, Some(holder));
+            backend.release(&lease).await.unwrap();
+        }
+        assert_eq!(connections_accepted(&operator).await, before);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_kept_connection_that_died_is_replaced_and_the_acquire_succeeds() {
+    bounded(async {
+        let server = server().await;
+        let backend = MySqlBackend::open(&format!("{}?mode=session", server.url()))
+            .await
+            .unwrap();
+        let operator = open(&server).await;
+        for wait in [false, true] {
+            let lease = backend.acquire(request("dies", HOUR)).await.unwrap();
+            let id = named_lock_holder(&operator, "dies").await.unwrap();
+            backend.release(&lease).await.unwrap();
+            // The released lock's connection is kept; its server session is killed.
+            sqlx::query(&format!("KILL {id}"))
+                .execute(operator.pool())
+                .await
+                .unwrap();
+            assert!(session_ends(&operator, id).await);
+            let mut req = request("dies", HOUR);
+            if wait {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let next = backend.acquire(req).await.unwrap();
+            assert!(next.token() > lease.token());
+            let now = named_lock_holder(&operator, "dies").await.unwrap();
+            assert_ne!(now, id);
+            backend.release(&next).await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_keeps_at_most_pool_size_released_connections_and_closes_the_rest() {
+    bounded(async {
+        let server = server().await;
+        let url = format!("{}?mode=session&pool_size=2", server.url());
+        let backend = MySqlBackend::open(&url).await.unwrap();
+        let operator = open(&server).await;
+        let keys = ["k0", "k1", "k2", "k3", "k4"];
+        let mut rounds = Vec::new();
+        for _ in 0..2 {
+            // Five locks held at once, more than the pool's connections.
+            let mut leases = Vec::new();
+            let mut sessions = std::collections::HashSet::new();
+            for key in keys {
+                leases.push(backend.acquire(request(key, HOUR)).await.unwrap());
+                sessions.insert(named_lock_holder(&operator, key).await.unwrap());
+            }
+            assert_eq!(sessions.len(), keys.len());
+            for lease in &leases {
+                backend.release(lease).await.unwrap();
+            }
+            rounds.push(sessions);
+        }
+        // As many of the first round's connections as the pool's size were kept and
+        // served the second round; the others were closed.
+        let pool_size = backend.pool().options().get_max_connections();
+        assert!(pool_size < 5, "{pool_size}");
+        let kept = rounds[0].intersection(&rounds[1]).count();
+        assert_eq!(kept, usize::try_from(pool_size).unwrap(), "{rounds:?}");
+        for id in rounds[0].difference(&rounds[1]) {
+            assert!(session_ends(&operator, *id).await, "{id}");
+        }
+    })
+    .await;
+}

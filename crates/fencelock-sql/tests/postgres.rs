@@ -492,3 +492,130 @@ async fn lease_mode_acquire_and_release_are_exactly_two_statements() {
     })
     .await;
 }
+
+/// The server session holding the advisory lock of `key`: its pid and when it
+/// started (µs since the epoch), which together name it even if a pid is reused.
+async fn advisory_holder(operator: &PostgresBackend, key: &str) -> (i32, i64) {
+    sqlx::query_as(
+        "SELECT l.pid, (extract(epoch FROM a.backend_start) * 1000000)::bigint
+         FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+           AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)",
+    )
+    .bind(key)
+    .fetch_one(operator.pool())
+    .await
+    .unwrap()
+}
+
+/// Waits until server session `pid` has ended (checked every 10 ms, at most 1,000
+/// times); whether it did.
+async fn session_ends(operator: &PostgresBackend, pid: i32) -> bool {
+    for _ in 0..1000 {
+        if !session_exists(operator, pid).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_20_lock_cycles_run_on_one_server_session() {
+    bounded(async {
+        let server = server().await;
+        let backend = PostgresBackend::open(&format!("{}?mode=session", server.url()))
+            .await
+            .unwrap();
+        let operator = open(&server).await;
+        let mut sessions = std::collections::HashSet::new();
+        let mut last = None;
+        for cycle in 0..20 {
+            // Both ways of taking the lock: trying, and waiting in the server's queue
+            // (which sets and lifts `lock_timeout`).
+            let mut req = request("reuse", HOUR);
+            if cycle % 2 == 1 {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let lease = backend.acquire(req).await.unwrap();
+            assert!(last.is_none_or(|last| lease.token() > last));
+            last = Some(lease.token());
+            sessions.insert(advisory_holder(&operator, "reuse").await);
+            backend.release(&lease).await.unwrap();
+        }
+        assert_eq!(sessions.len(), 1, "{sessions:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_kept_connection_that_died_is_replaced_and_the_acquire_succeeds() {
+    bounded(async {
+        let server = server().await;
+        let backend = PostgresBackend::open(&format!("{}?mode=session", server.url()))
+            .await
+            .unwrap();
+        let operator = open(&server).await;
+        for wait in [false, true] {
+            let lease = backend.acquire(request("dies", HOUR)).await.unwrap();
+            let (pid, _) = advisory_holder(&operator, "dies").await;
+            backend.release(&lease).await.unwrap();
+            // The released lock's connection is kept; its server session is ended.
+            let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+                .bind(pid)
+                .fetch_one(operator.pool())
+                .await
+                .unwrap();
+            assert!(ended && session_ends(&operator, pid).await);
+            let mut req = request("dies", HOUR);
+            if wait {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let next = backend.acquire(req).await.unwrap();
+            assert!(next.token() > lease.token());
+            assert_ne!(advisory_holder(&operator, "dies").await.0, pid);
+            backend.release(&next).await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_keeps_at_most_pool_size_released_connections_and_closes_the_rest() {
+    bounded(async {
+        let server = server().await;
+        let url = format!("{}?mode=session&pool_size=2", server.url());
+        let backend = PostgresBackend::open(&url).await.unwrap();
+        let operator = open(&server).await;
+        let keys = ["k0", "k1", "k2", "k3", "k4"];
+        let mut rounds = Vec::new();
+        for _ in 0..2 {
+            // Five locks held at once, more than the pool's connections.
+            let mut leases = Vec::new();
+            let mut sessions = std::collections::HashSet::new();
+            for key in keys {
+                leases.push(backend.acquire(request(key, HOUR)).await.unwrap());
+                sessions.insert(advisory_holder(&operator, key).await);
+            }
+            assert_eq!(sessions.len(), keys.len());
+            for lease in &leases {
+                backend.release(lease).await.unwrap();
+            }
+            rounds.push(sessions);
+        }
+        // As many of the first round's connections as the pool's size (two, and one
+        // for the listener) were kept and served the second round; the others were
+        // closed.
+        let pool_size = backend.pool().options().get_max_connections();
+        assert!(pool_size < 5, "{pool_size}");
+        let kept = rounds[0].intersection(&rounds[1]).count();
+        assert_eq!(kept, usize::try_from(pool_size).unwrap(), "{rounds:?}");
+        for (pid, started) in rounds[0].difference(&rounds[1]) {
+            assert!(
+                session_ends(&operator, *pid).await,
+                "{pid} started {started}"
+            );
+        }
+    })
+    .await;
+}

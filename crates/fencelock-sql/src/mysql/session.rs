@@ -10,6 +10,10 @@
 //! use it): its connection is closed and its server session killed by
 //! `CONNECTION_ID()` (never reused by the server), which frees whatever it took.
 //!
+//! A lock released cleanly leaves its connection on the backend's idle list for the
+//! next session acquire (see [`crate::session_table`]); a reused connection that has
+//! died meanwhile is closed and the attempt starts over on a fresh pool connection.
+//!
 //! A held lock ends when its connection does (the server frees the named locks of a
 //! session that ends), and also when its TTL passes without a renewal: the backend
 //! then closes the connection itself, so the TTL contract holds for clients that are
@@ -21,15 +25,15 @@ use std::time::Duration;
 use fencelock_core::{
     AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline, valid_until,
 };
-use sqlx::mysql::{MySql, MySqlConnection, MySqlPool};
-use sqlx::pool::PoolConnection;
+use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlPool, MySqlRow};
+use sqlx::query::Query;
 use sqlx::{Connection, Executor, Row};
 use tokio::time::Instant;
 
 use super::STORE;
 use crate::in_flight::end_dropped_wait;
 use crate::server_locks::{SessionError, SessionMode};
-use crate::session_table::SessionStatements;
+use crate::session_table::{SessionConn, SessionStatements};
 
 /// The statements of session mode on one lease table.
 #[derive(Debug)]
@@ -135,7 +139,7 @@ const FOREVER_SECONDS: f64 = 31_536_000.0;
 /// connection and kills its server session, which frees whatever it took and takes it
 /// out of the server's queue.
 struct InFlight {
-    conn: Option<PoolConnection<MySql>>,
+    conn: Option<SessionConn<MySql>>,
     pool: MySqlPool,
     /// `CONNECTION_ID()` of the connection's server session, once known.
     session: Option<u64>,
@@ -144,6 +148,27 @@ struct InFlight {
 impl InFlight {
     fn conn(&mut self) -> &mut MySqlConnection {
         self.conn.as_deref_mut().expect("taken only when settled")
+    }
+
+    /// The row of the attempt's first statement, which takes nothing if it fails. A
+    /// reused connection that fails it has died while idle, or is unusable: it is
+    /// closed and the statement runs again on a fresh connection from the pool.
+    async fn first_row<'q>(
+        &mut self,
+        statement: impl Fn() -> Query<'q, MySql, MySqlArguments> + Send + Sync,
+    ) -> Result<MySqlRow, sqlx::Error> {
+        let reused = self.conn.as_ref().is_some_and(SessionConn::is_reused);
+        match statement().fetch_one(self.conn()).await {
+            Err(err) if reused => {
+                tracing::debug!(store = STORE, %err, "an idle session connection failed");
+                if let Some(conn) = self.conn.take() {
+                    let _ = conn.detach().close().await;
+                }
+                self.conn = Some(SessionConn::Pooled(self.pool.acquire().await?));
+                statement().fetch_one(self.conn()).await
+            }
+            row => row,
+        }
     }
 }
 
@@ -221,28 +246,36 @@ impl SessionMode for SessionQueries {
         key: &str,
         deadline: &WaitDeadline,
     ) -> Result<Option<Lease>, SessionError> {
-        let conn = pool.acquire().await?;
+        let conn = match locks.reuse() {
+            Some(conn) => SessionConn::Reused(conn),
+            None => SessionConn::Pooled(pool.acquire().await?),
+        };
         let mut in_flight = InFlight {
             conn: Some(conn),
             pool: pool.clone(),
             session: None,
         };
         let seconds = wait_seconds(deadline);
-        if seconds > 0.0 {
-            let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
-                .fetch_one(in_flight.conn())
-                .await?;
+        let lock = || sqlx::query(&self.lock).bind(key.as_bytes()).bind(seconds);
+        let row = if seconds > 0.0 {
+            let id: u64 = in_flight
+                .first_row(|| sqlx::query("SELECT CONNECTION_ID()"))
+                .await?
+                .try_get(0)?;
             in_flight.session = Some(id);
-        }
-        let row = sqlx::query(&self.lock)
-            .bind(key.as_bytes())
-            .bind(seconds)
-            .fetch_one(in_flight.conn())
-            .await?;
+            lock().fetch_one(in_flight.conn()).await?
+        } else {
+            in_flight.first_row(lock).await?
+        };
         let got: Option<i64> = row.try_get(0)?;
         if got != Some(1) {
-            // Nothing taken: the connection goes back to the pool.
-            in_flight.conn.take();
+            // Nothing taken: the connection goes back where it came from, unless
+            // `GET_LOCK` failed (NULL: say, the session was killed).
+            if let Some(conn) = in_flight.conn.take() {
+                if got == Some(0) {
+                    locks.put_back(conn).await;
+                }
+            }
             return Ok(None);
         }
         // Measured from the bump, not from the start of the wait: the lock was

@@ -10,6 +10,10 @@
 //! use it): its connection is closed and its server session terminated by pid (checked
 //! against `backend_start`, so a reused pid is never hit), which frees whatever it took.
 //!
+//! A lock released cleanly leaves its connection on the backend's idle list for the
+//! next session acquire (see [`crate::session_table`]); a reused connection that has
+//! died meanwhile is closed and the attempt starts over on a fresh pool connection.
+//!
 //! A held lock ends when its connection does (the server frees session locks of a
 //! session that ends), and also when its TTL passes without a renewal: the backend
 //! then closes the connection itself, so the TTL contract holds for clients that are
@@ -20,15 +24,15 @@ use std::sync::Arc;
 use fencelock_core::{
     AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline, valid_until,
 };
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool, Postgres};
+use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgRow, Postgres};
+use sqlx::query::Query;
 use sqlx::{Connection, Executor, Row};
 use tokio::time::Instant;
 
 use super::STORE;
 use crate::in_flight::end_dropped_wait;
 use crate::server_locks::{SessionError, SessionMode};
-use crate::session_table::SessionStatements;
+use crate::session_table::{SessionConn, SessionStatements};
 
 /// The statements of session mode on one lease table.
 #[derive(Debug)]
@@ -152,7 +156,7 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// connection and terminates its server session, which frees whatever it took and
 /// takes it out of the server's queue.
 struct InFlight {
-    conn: Option<PoolConnection<Postgres>>,
+    conn: Option<SessionConn<Postgres>>,
     pool: PgPool,
     /// `(pid, backend_start µs)` of the connection's server session, once known.
     session: Option<(i32, i64)>,
@@ -161,6 +165,27 @@ struct InFlight {
 impl InFlight {
     fn conn(&mut self) -> &mut PgConnection {
         self.conn.as_deref_mut().expect("taken only when settled")
+    }
+
+    /// The row of the attempt's first statement, which takes nothing if it fails. A
+    /// reused connection that fails it has died while idle, or is unusable: it is
+    /// closed and the statement runs again on a fresh connection from the pool.
+    async fn first_row<'q>(
+        &mut self,
+        statement: impl Fn() -> Query<'q, Postgres, PgArguments> + Send + Sync,
+    ) -> Result<PgRow, sqlx::Error> {
+        let reused = self.conn.as_ref().is_some_and(SessionConn::is_reused);
+        match statement().fetch_one(self.conn()).await {
+            Err(err) if reused => {
+                tracing::debug!(store = STORE, %err, "an idle session connection failed");
+                if let Some(conn) = self.conn.take() {
+                    let _ = conn.detach().close().await;
+                }
+                self.conn = Some(SessionConn::Pooled(self.pool.acquire().await?));
+                statement().fetch_one(self.conn()).await
+            }
+            row => row,
+        }
     }
 }
 
@@ -257,7 +282,10 @@ impl SessionMode for SessionQueries {
         key: &str,
         deadline: &WaitDeadline,
     ) -> Result<Option<Lease>, SessionError> {
-        let conn = pool.acquire().await?;
+        let conn = match locks.reuse() {
+            Some(conn) => SessionConn::Reused(conn),
+            None => SessionConn::Pooled(pool.acquire().await?),
+        };
         let mut in_flight = InFlight {
             conn: Some(conn),
             pool: pool.clone(),
@@ -270,22 +298,22 @@ impl SessionMode for SessionQueries {
         };
         let pid = match timeout {
             None => {
-                let row = sqlx::query(&self.try_lock)
-                    .bind(key)
-                    .fetch_one(in_flight.conn())
+                let row = in_flight
+                    .first_row(|| sqlx::query(&self.try_lock).bind(key))
                     .await?;
                 let (got, pid): (bool, i32) = (row.try_get(0)?, row.try_get(1)?);
                 if !got {
-                    // Nothing taken: the connection goes back to the pool.
-                    in_flight.conn.take();
+                    // Nothing taken: the connection goes back where it came from.
+                    if let Some(conn) = in_flight.conn.take() {
+                        locks.put_back(conn).await;
+                    }
                     return Ok(None);
                 }
                 pid
             }
             Some(timeout) => {
-                let row = sqlx::query(&self.prepare_wait)
-                    .bind(timeout)
-                    .fetch_one(in_flight.conn())
+                let row = in_flight
+                    .first_row(|| sqlx::query(&self.prepare_wait).bind(timeout.clone()))
                     .await?;
                 let (pid, started): (i32, i64) = (row.try_get(0)?, row.try_get(1)?);
                 in_flight.session = Some((pid, started));
@@ -299,7 +327,7 @@ impl SessionMode for SessionQueries {
                         if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
                     {
                         // Not taken. The connection keeps its `lock_timeout`, so it
-                        // does not go back to the pool.
+                        // is not kept for reuse.
                         if let Some(conn) = in_flight.conn.take() {
                             let _ = conn.detach().close().await;
                         }
