@@ -94,6 +94,15 @@ async fn settle() {
     }
 }
 
+/// Asserts `err` is `Error::Lost` for `reason`.
+#[track_caller]
+fn assert_lost(err: &Error, reason: LossReason) {
+    assert!(
+        matches!(err, Error::Lost { reason: r, .. } if *r == reason),
+        "expected lost ({reason:?}), got {err:?}"
+    );
+}
+
 fn name(n: &str) -> LockName {
     LockName::new(n).unwrap()
 }
@@ -180,16 +189,7 @@ async fn a_refused_renewal_marks_the_guard_lost() {
     let started = Instant::now();
     assert!(backend.store.evict(&name("a")));
     let err = guard.lost().await;
-    assert!(
-        matches!(
-            err,
-            Error::Lost {
-                reason: LossReason::NotOurs,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_lost(&err, LossReason::NotOurs);
     // Noticed at the first renewal after the eviction.
     assert_eq!(started.elapsed(), TTL / 3);
     assert!(!guard.is_held());
@@ -205,16 +205,7 @@ async fn validity_passing_without_a_successful_renewal_marks_the_guard_lost() {
     let guard = locker.lock("a").ttl(TTL).await.unwrap();
     let valid_until = guard.lease().valid_until();
     let err = guard.lost().await;
-    assert!(
-        matches!(
-            err,
-            Error::Lost {
-                reason: LossReason::Expired,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_lost(&err, LossReason::Expired);
     assert_eq!(
         Instant::now(),
         valid_until,
@@ -259,16 +250,7 @@ async fn max_hold_stops_renewal_and_ends_the_lock_at_max_hold() {
     let started = Instant::now();
     let guard = locker.lock("a").ttl(TTL).max_hold(TTL * 2).await.unwrap();
     let err = guard.lost().await;
-    assert!(
-        matches!(
-            err,
-            Error::Lost {
-                reason: LossReason::MaxHoldReached,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_lost(&err, LossReason::MaxHoldReached);
     let held_for = started.elapsed();
     assert!(
         held_for <= TTL * 2 && held_for >= TTL * 2 - TTL / 10,
@@ -351,16 +333,7 @@ async fn a_session_lost_event_marks_every_guard_lost_at_once() {
         .unwrap();
     for guard in [&a, &b] {
         let err = guard.lost().await;
-        assert!(
-            matches!(
-                err,
-                Error::Lost {
-                    reason: LossReason::SessionEnded,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_lost(&err, LossReason::SessionEnded);
         assert!(!guard.is_held());
     }
     assert_eq!(
@@ -386,16 +359,7 @@ async fn a_lease_lost_event_marks_only_that_guard_lost() {
         })
         .unwrap();
     let err = a.lost().await;
-    assert!(
-        matches!(
-            err,
-            Error::Lost {
-                reason: LossReason::NotOurs,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_lost(&err, LossReason::NotOurs);
     assert!(b.is_held());
     assert!(b.lost().now_or_never().is_none());
 }
@@ -422,16 +386,7 @@ async fn a_suspended_session_is_not_held_until_resumed_and_lost_if_validity_pass
     backend.renewals_hang.store(true, Ordering::SeqCst);
     backend.events.send(StoreEvent::Suspended).unwrap();
     let err = guard.lost().await;
-    assert!(
-        matches!(
-            err,
-            Error::Lost {
-                reason: LossReason::Expired,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_lost(&err, LossReason::Expired);
 }
 
 #[tokio::test(start_paused = true)]
@@ -441,14 +396,5 @@ async fn a_renewal_refused_for_a_reason_reports_that_reason() {
     let locker = Locker::new(backend.clone());
     let guard = locker.lock("a").ttl(TTL).await.unwrap();
     let err = guard.lost().await;
-    assert!(
-        matches!(
-            err,
-            Error::Lost {
-                reason: LossReason::SessionEnded,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_lost(&err, LossReason::SessionEnded);
 }

@@ -17,8 +17,6 @@ pub struct SchemeInfo {
     pub store: &'static str,
     /// The cargo feature of `fencelock` that enables it (`None`: always available).
     pub feature: Option<&'static str>,
-    /// Whether this release has a driver for it at all.
-    pub in_this_release: bool,
     /// Whether this build has it (its feature, if any, is on).
     pub enabled: bool,
 }
@@ -27,91 +25,54 @@ const fn scheme(
     scheme: &'static str,
     store: &'static str,
     feature: Option<&'static str>,
-    in_this_release: bool,
     enabled: bool,
 ) -> SchemeInfo {
     SchemeInfo {
         scheme,
         store,
         feature,
-        in_this_release,
         enabled,
     }
 }
 
 const SCHEMES: &[SchemeInfo] = &[
-    scheme("memory", "memory", None, true, true),
-    scheme(
-        "sqlite",
-        "sqlite",
-        Some("sqlite"),
-        true,
-        cfg!(feature = "sqlite"),
-    ),
-    scheme(
-        "redis",
-        "redis",
-        Some("redis"),
-        true,
-        cfg!(feature = "redis"),
-    ),
-    scheme(
-        "rediss",
-        "redis",
-        Some("redis"),
-        true,
-        cfg!(feature = "redis"),
-    ),
+    scheme("memory", "memory", None, true),
+    scheme("sqlite", "sqlite", Some("sqlite"), cfg!(feature = "sqlite")),
+    scheme("redis", "redis", Some("redis"), cfg!(feature = "redis")),
+    scheme("rediss", "redis", Some("redis"), cfg!(feature = "redis")),
     scheme(
         "redlock",
         "redlock",
         Some("redlock"),
-        true,
         cfg!(feature = "redlock"),
     ),
-    scheme("etcd", "etcd", Some("etcd"), true, cfg!(feature = "etcd")),
+    scheme("etcd", "etcd", Some("etcd"), cfg!(feature = "etcd")),
     scheme(
         "zk",
         "zookeeper",
         Some("zookeeper"),
-        true,
         cfg!(feature = "zookeeper"),
     ),
     scheme(
         "zookeeper",
         "zookeeper",
         Some("zookeeper"),
-        true,
         cfg!(feature = "zookeeper"),
     ),
     scheme(
         "postgres",
         "postgres",
         Some("postgres"),
-        true,
         cfg!(feature = "postgres"),
     ),
     scheme(
         "postgresql",
         "postgres",
         Some("postgres"),
-        true,
         cfg!(feature = "postgres"),
     ),
-    scheme(
-        "mysql",
-        "mysql",
-        Some("mysql"),
-        true,
-        cfg!(feature = "mysql"),
-    ),
-    scheme(
-        "mariadb",
-        "mysql",
-        Some("mysql"),
-        true,
-        cfg!(feature = "mysql"),
-    ),
+    scheme("mysql", "mysql", Some("mysql"), cfg!(feature = "mysql")),
+    scheme("mariadb", "mysql", Some("mysql"), cfg!(feature = "mysql")),
 ];
 
 /// Every scheme fencelock knows, with what this build can open.
@@ -228,16 +189,10 @@ fn unavailable(scheme: &str) -> Error {
         .collect();
     let available = available.join(", ");
     let message = match SCHEMES.iter().find(|s| s.scheme == scheme) {
-        Some(info) if info.in_this_release => format!(
+        Some(info) => format!(
             "`{scheme}://` needs fencelock's cargo feature `{feature}`, which this build does not have: \
              add it, e.g. fencelock = {{ version = \"0.1\", features = [\"{feature}\"] }}; this build opens: {available}",
             feature = info.feature.unwrap_or_default()
-        ),
-        Some(info) => format!(
-            "the {} store (`{scheme}://`, cargo feature `{}`) is planned but not in this release of fencelock yet; \
-             this build opens: {available}",
-            info.store,
-            info.feature.unwrap_or_default()
         ),
         None => format!("unknown store scheme `{scheme}://`; this build opens: {available}"),
     };
@@ -276,7 +231,7 @@ mod tests {
 
     #[test]
     fn a_store_whose_feature_is_off_names_the_feature_to_enable() {
-        let off = schemes().iter().filter(|s| s.in_this_release && !s.enabled);
+        let off = schemes().iter().filter(|s| !s.enabled);
         for info in off {
             let err = config_error(&format!("{}://127.0.0.1:1/", info.scheme));
             let feature = info.feature.unwrap_or_default();
@@ -369,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn every_scheme_in_the_design_is_known_and_in_this_release() {
+    fn every_scheme_in_the_design_is_known() {
         for s in [
             "memory",
             "sqlite",
@@ -384,10 +339,7 @@ mod tests {
             "mysql",
             "mariadb",
         ] {
-            assert!(
-                schemes().iter().any(|i| i.scheme == s && i.in_this_release),
-                "{s}"
-            );
+            assert!(schemes().iter().any(|i| i.scheme == s), "{s}");
         }
     }
 }

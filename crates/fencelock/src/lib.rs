@@ -29,7 +29,6 @@
 //! | `redlock://h1:p,h2:p,h3:p` | `redlock` | Redlock over N independent Redis nodes |
 //! | `etcd://h1:p,h2:p` | `etcd` | etcd v3 (`concurrency.Mutex` layout) |
 //! | `zk://h1:p,h2:p/root`, `zookeeper://` | `zookeeper` | ZooKeeper (Curator `InterProcessMutex` layout) |
-//!
 //! | `postgres://`, `postgresql://` | `postgres` | Postgres lease rows (or `?mode=session`: advisory locks) |
 //! | `mysql://`, `mariadb://` | `mysql` | MySQL/MariaDB lease rows (or `?mode=session`: `GET_LOCK`) |
 //!
