@@ -11,7 +11,7 @@ use fencelock_core::{
 use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
-use crate::connection::{self, ConnectOptions, backend_error};
+use crate::connection::{self, backend_error};
 use crate::scripts::{self, Attempt, KeySpace, Renewal};
 use crate::wake::{WakeListener, Wakers};
 use crate::{RedisConfig, RedisFenceGate, STORE};
@@ -118,12 +118,7 @@ impl RedisBackend {
     /// address if the server cannot be reached.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         config.validate()?;
-        let options = ConnectOptions {
-            timeout: config.timeout,
-            connect_timeout: config.connect_timeout,
-            allow_eviction: config.allow_eviction,
-        };
-        let conn = connection::connect(&config.node, options).await?;
+        let conn = connection::connect(&config.node, config.connect_options()).await?;
         let keys = KeySpace::new(config.prefix.clone());
         let address = config.node.address();
         let wakers = Arc::new(Wakers::default());

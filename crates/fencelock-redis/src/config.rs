@@ -381,6 +381,15 @@ impl RedisConfig {
         Ok(config)
     }
 
+    /// How [`connection::connect`](crate::connection::connect) reaches the server.
+    pub(crate) fn connect_options(&self) -> crate::connection::ConnectOptions {
+        crate::connection::ConnectOptions {
+            timeout: self.timeout,
+            connect_timeout: self.connect_timeout,
+            allow_eviction: self.allow_eviction,
+        }
+    }
+
     /// Checks every field; [`RedisBackend::connect`](crate::RedisBackend::connect) runs
     /// this too, since the fields are public.
     ///

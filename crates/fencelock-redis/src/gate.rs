@@ -6,7 +6,7 @@ use std::fmt;
 use fencelock_core::{Error, FenceGate, FencingToken, Result, async_trait};
 use redis::aio::ConnectionManager;
 
-use crate::connection::{self, ConnectOptions, backend_error};
+use crate::connection::{self, backend_error};
 use crate::scripts::{self, KeySpace};
 use crate::{RedisConfig, STORE};
 
@@ -56,12 +56,7 @@ impl RedisFenceGate {
     /// As [`RedisBackend::connect`](crate::RedisBackend::connect).
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
         config.validate()?;
-        let options = ConnectOptions {
-            timeout: config.timeout,
-            connect_timeout: config.connect_timeout,
-            allow_eviction: config.allow_eviction,
-        };
-        let conn = connection::connect(&config.node, options).await?;
+        let conn = connection::connect(&config.node, config.connect_options()).await?;
         Ok(Self::with_connection(
             conn,
             KeySpace::new(config.prefix.clone()),

@@ -520,10 +520,7 @@ impl RedlockBackend {
                 let failures = per_node
                     .iter()
                     .filter_map(|r| r.as_ref().err())
-                    .map(|f| NodeFailure {
-                        address: f.address.clone(),
-                        reason: f.reason.clone(),
-                    })
+                    .cloned()
                     .collect();
                 Err(self.too_few_error(
                     format!("renew `{}`", lease.name()),

@@ -28,7 +28,7 @@ impl fmt::Debug for Node {
 }
 
 /// Why one node did not answer one request, for messages.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct NodeFailure {
     pub(crate) address: String,
     pub(crate) reason: String,
