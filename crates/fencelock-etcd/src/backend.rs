@@ -117,8 +117,9 @@ impl Grants {
         current.as_ref().filter(|s| s.deadline().is_some()).cloned()
     }
 
-    /// Takes the keys due for deletion at `now`, and the next instant one falls due.
-    fn due(&self, now: Instant) -> (Vec<(String, Grant)>, Option<Instant>) {
+    /// Takes the keys due for deletion at `now` (a key to be deleted again stays,
+    /// due later).
+    fn due(&self, now: Instant) -> Vec<(String, Grant)> {
         let mut by_key = self.lock();
         let mut due = Vec::new();
         by_key.retain(|key, grant| match grant.reap_at {
@@ -134,8 +135,12 @@ impl Grants {
             }
             _ => true,
         });
-        let next = by_key.values().filter_map(|g| g.reap_at).min();
-        (due, next)
+        due
+    }
+
+    /// The next instant a key falls due for deletion.
+    fn next_due(&self) -> Option<Instant> {
+        self.lock().values().filter_map(|g| g.reap_at).min()
     }
 
     fn schedule(&self, key: &str, at: Instant, again_after: Option<Duration>) {
@@ -152,8 +157,7 @@ impl Grants {
 /// block its lock until the session ends, which a live session never does.
 async fn reap(client: Client, grants: Arc<Grants>) {
     loop {
-        let (due, next) = grants.due(Instant::now());
-        for (key, grant) in due {
+        for (key, grant) in grants.due(Instant::now()) {
             if delete_own_key(&client, &key, grant.token).await.is_ok() {
                 continue;
             }
@@ -172,16 +176,9 @@ async fn reap(client: Client, grants: Arc<Grants>) {
                 ..grant
             });
         }
-        let next = grants
-            .lock()
-            .values()
-            .filter_map(|g| g.reap_at)
-            .min()
-            .or(next);
-        let far = Instant::now() + Duration::from_secs(3600);
         tokio::select! {
             () = grants.wake.notified() => {}
-            () = sleep_until(next.unwrap_or(far)) => {}
+            () = sleep_until(grants.next_due().unwrap_or_else(far_future)) => {}
         }
     }
 }

@@ -423,6 +423,7 @@ impl LockBackend for ZooKeeperBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
+        fencelock_core::check_ttl(req.ttl)?;
         let what = format!("acquire `{}`", req.name);
         let deadline = WaitDeadline::start(req.wait);
         let session = self.sessions.get().await?;

@@ -1,6 +1,5 @@
 //! `ZooKeeperConfig`: where the ensemble is, where locks live, how long a session lasts.
 
-use std::fmt;
 use std::time::Duration;
 
 use fencelock_core::url::StoreUrl;
@@ -17,7 +16,7 @@ use fencelock_core::{Error, Result};
 /// - `session_timeout`: the session timeout asked of the server (default 10 s; the
 ///   server clamps it to its `minSessionTimeout..=maxSessionTimeout`);
 /// - `connect_timeout`: how long establishing a session may take (default 10 s).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZooKeeperConfig {
     /// `host:port` of each server.
     pub hosts: Vec<String>,
@@ -154,17 +153,6 @@ fn parse_root(root: &str, url: &StoreUrl) -> Result<String> {
         )));
     }
     Ok(trimmed.to_owned())
-}
-
-impl fmt::Debug for ZooKeeperConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ZooKeeperConfig")
-            .field("hosts", &self.hosts)
-            .field("root", &self.root)
-            .field("session_timeout", &self.session_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .finish()
-    }
 }
 
 #[cfg(test)]
