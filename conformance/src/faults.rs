@@ -248,12 +248,7 @@ pub async fn paused_holder_run_passes_the_checker(store: &dyn StoreFixture) -> V
         );
     }
     let history = run_with_a_paused_holder(&clients, &run).await;
-    if let Err(violations) = history::check_with(&history, &run.checks()) {
-        panic!(
-            "the history breaks the lock's rules:{}",
-            history::describe(&violations)
-        );
-    }
+    history::assert_passes(&history, &run.checks());
     let late = history
         .writes
         .iter()
@@ -588,10 +583,5 @@ fn judge(history: &History, liveness_bound: Duration) {
         faults_injected: false,
         liveness_bound,
     };
-    if let Err(violations) = history::check_with(history, &checks) {
-        panic!(
-            "the history breaks the lock's rules:{}",
-            history::describe(&violations)
-        );
-    }
+    history::assert_passes(history, &checks);
 }

@@ -221,7 +221,7 @@ pub fn check_with(history: &History, checks: &Checks) -> Result<(), Vec<Violatio
                     holders: (a.holder.clone(), b.holder.clone()),
                 });
             }
-            if b.start >= a.end && b.token <= a.token && a.token != b.token {
+            if b.start >= a.end && b.token < a.token {
                 violations.push(Violation::TokenFell {
                     earlier: a.token,
                     later: b.token,
@@ -394,4 +394,14 @@ fn anchor() -> (u64, Instant) {
 /// Renders violations for an assertion message.
 pub fn describe(violations: &[Violation]) -> String {
     violations.iter().map(|v| format!("\n  - {v:?}")).collect()
+}
+
+/// Panics with every violation if `history` breaks a rule that `checks` judges.
+pub(crate) fn assert_passes(history: &History, checks: &Checks) {
+    if let Err(violations) = check_with(history, checks) {
+        panic!(
+            "the history breaks the lock's rules:{}",
+            describe(&violations)
+        );
+    }
 }

@@ -597,12 +597,7 @@ pub async fn fenced_increments_are_exact(store: &dyn StoreFixture) -> Verdict {
         (WORKERS * EACH) as u64,
         "increments were lost"
     );
-    if let Err(violations) = history::check(&history, false) {
-        panic!(
-            "the history breaks the lock's rules:{}",
-            history::describe(&violations)
-        );
-    }
+    history::assert_passes(&history, &history::Checks::default());
     Verdict::Passed
 }
 

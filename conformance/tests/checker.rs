@@ -81,13 +81,19 @@ async fn plain_delete_is_caught_as_overlapping_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_tokens_are_caught_falling() {
     // Rule: a grant that begins after another ended carries a higher token.
-    let (_, violations) = violations_of(RandomToken::new(MemoryStore::new())).await;
+    let (history, violations) = violations_of(RandomToken::new(MemoryStore::new())).await;
+    // More than ten grants one after another: random tokens all rising has odds of
+    // at most 1 in 10!.
     assert!(
-        violations.iter().any(|v| matches!(
-            v,
-            Violation::TokenFell { .. } | Violation::RepeatedToken { .. }
-        )),
-        "RandomToken was not caught:{}",
+        history.holds.len() > 10,
+        "too few grants to judge: {}",
+        history.holds.len()
+    );
+    assert!(
+        violations
+            .iter()
+            .any(|v| matches!(v, Violation::TokenFell { .. })),
+        "RandomToken was not caught with falling tokens:{}",
         describe(&violations)
     );
 }

@@ -1,8 +1,12 @@
 //! `fencelock` end to end on the embedded SQLite store: real processes, real files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{finish, wait_for_file};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fencelock");
 const LOST: i32 = 76;
@@ -36,26 +40,20 @@ impl Store {
     }
 }
 
-/// Waits (bounded) for a child to end, killing it if it does not.
-fn finish(mut child: std::process::Child, limit: Duration) -> std::process::ExitStatus {
+/// Waits (bounded) until `path` holds one whole line (the shell creates the file
+/// before it writes to it) and parses it as a token.
+fn read_token(path: &Path, limit: Duration) -> u64 {
     let started = Instant::now();
-    while started.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.strip_suffix('\n') {
+            return line
+                .parse()
+                .unwrap_or_else(|err| panic!("{line:?} is not a token: {err}"));
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    panic!("fencelock did not exit within {limit:?}");
-}
-
-/// Waits (bounded) until `path` exists.
-fn wait_for_file(path: &Path, limit: Duration) {
-    let started = Instant::now();
-    while !path.exists() {
         assert!(
             started.elapsed() < limit,
-            "{} did not appear within {limit:?}",
+            "{} held no whole line within {limit:?}",
             path.display()
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -274,13 +272,7 @@ fn status_reports_the_holder_and_token_as_text_and_json() {
         ])
         .spawn()
         .unwrap();
-    wait_for_file(&ready, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(50));
-    let token: u64 = std::fs::read_to_string(&ready)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let token = read_token(&ready, Duration::from_secs(20));
     let held = store
         .fencelock()
         .args(["status", "report", "--json"])

@@ -1,38 +1,16 @@
 //! `fencelock run` end to end on a server store: a real `redis-server` started on a
 //! loopback port by the conformance harness.
 
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::process::Command;
+use std::time::Duration;
+
+use common::{finish, wait_for_file};
 use fencelock_conformance::harness::{RedisServer, Server};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fencelock");
 const LOST: i32 = 76;
-
-fn wait_for_file(path: &Path, limit: Duration) {
-    let started = Instant::now();
-    while !path.exists() {
-        assert!(
-            started.elapsed() < limit,
-            "{} did not appear within {limit:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn finish(mut child: std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    panic!("fencelock did not exit within {limit:?}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_runs_on_redis_serialise_and_see_rising_tokens() {
