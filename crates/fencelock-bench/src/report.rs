@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
-use crate::measure::{Role, Samples, Variant};
+use crate::measure::{Result, Role, Samples, Variant};
 
 /// S1 for one variant, against the floor measured in the same run.
 #[derive(Debug)]
@@ -33,6 +33,19 @@ pub(crate) struct Handoff {
     pub(crate) round_trip_p50_us: f64,
     pub(crate) ratio: f64,
     pub(crate) target: Option<f64>,
+}
+
+/// An S1 target between two variants of one store rather than to its floor, e.g.
+/// issue 4's Redlock over 5 nodes within 1.5× of single-node Redis at p50.
+#[derive(Debug)]
+pub(crate) struct Relative {
+    pub(crate) store: String,
+    pub(crate) variant: String,
+    /// The variant compared with.
+    pub(crate) against: String,
+    /// `variant`'s p50 as a multiple of `against`'s.
+    pub(crate) p50_ratio: f64,
+    pub(crate) bound: f64,
 }
 
 /// Server-side operations per S1 cycle, as the server counts them.
@@ -108,6 +121,7 @@ pub(crate) struct Takeover {
 #[derive(Debug, Default)]
 pub(crate) struct Report {
     pub(crate) acquire_release: Vec<AcquireRelease>,
+    pub(crate) relative: Vec<Relative>,
     pub(crate) handoffs: Vec<Handoff>,
     pub(crate) op_counts: Vec<OpCount>,
     pub(crate) distinct: Vec<Distinct>,
@@ -152,6 +166,33 @@ impl Report {
         }
     }
 
+    /// Holds the S1 p50 of `variant` to `bound` times that of `against`, both rows of
+    /// `store` added before by [`Report::add_acquire_release`].
+    pub(crate) fn add_relative_target(
+        &mut self,
+        store: &str,
+        variant: &str,
+        against: &str,
+        bound: f64,
+    ) -> Result<()> {
+        let p50 = |label: &str| {
+            self.acquire_release
+                .iter()
+                .find(|row| row.store == store && row.variant == label)
+                .map(|row| row.p50_us)
+                .ok_or_else(|| format!("no S1 row `{label}` for {store}"))
+        };
+        let p50_ratio = p50(variant)? / p50(against)?;
+        self.relative.push(Relative {
+            store: store.to_owned(),
+            variant: variant.to_owned(),
+            against: against.to_owned(),
+            p50_ratio,
+            bound,
+        });
+        Ok(())
+    }
+
     /// Adds one S4 row.
     pub(crate) fn add_handoff(
         &mut self,
@@ -188,6 +229,15 @@ impl Report {
                     row.p50_ratio <= bound,
                 ));
             }
+        }
+        for row in &self.relative {
+            lines.push((
+                format!(
+                    "S1 {} / {}: p50 {:.2}× {} (target ≤ {}×)",
+                    row.store, row.variant, row.p50_ratio, row.against, row.bound
+                ),
+                row.p50_ratio <= row.bound,
+            ));
         }
         for row in &self.handoffs {
             if let Some(bound) = row.target {
@@ -519,6 +569,35 @@ fn verdict(ratio: f64, target: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relative_target_is_the_p50_ratio_to_the_named_variant_not_to_the_floor() {
+        let mut report = Report::default();
+        for (variant, p50_us) in [("one node", 100.0), ("floor", 50.0), ("five nodes", 140.0)] {
+            report.acquire_release.push(AcquireRelease {
+                store: "redis".into(),
+                variant: variant.into(),
+                role: Role::Library,
+                cycles: 1,
+                p50_us,
+                p99_us: p50_us,
+                floor: "floor".into(),
+                p50_ratio: p50_us / 50.0,
+                p99_ratio: p50_us / 50.0,
+                target: None,
+            });
+        }
+        report
+            .add_relative_target("redis", "five nodes", "one node", 1.5)
+            .unwrap();
+        // 1.4× the one-node row: met, although it is 2.8× the floor.
+        let targets = report.targets();
+        assert_eq!(targets.len(), 1, "{targets:?}");
+        assert!(targets[0].0.contains("p50 1.40× one node"), "{targets:?}");
+        assert!(targets[0].1, "{targets:?}");
+        let missing = report.add_relative_target("redis", "five nodes", "three nodes", 1.5);
+        assert!(missing.is_err());
+    }
 
     #[test]
     fn jain_index_is_one_when_even_and_one_over_n_when_one_takes_all() {

@@ -1,6 +1,6 @@
 //! `fencelock-bench --quick` runs every scenario against real servers for every store,
 //! writes the table, the JSON and the chart, and the counted server operations per
-//! cycle are the expected ones. It asserts nothing about time.
+//! cycle are the expected ones (Redis, etcd, Postgres and MariaDB count them). It asserts nothing about time.
 
 use std::process::Command;
 
@@ -95,13 +95,38 @@ fn quick_mode_runs_every_scenario_on_every_store_and_counts_the_expected_server_
             assert!(stores.contains(store), "{table}: no row for {store}");
         }
     }
+    // S6: Redlock over 3 and 5 nodes, parallel (the library) against sequential.
+    for nodes in [3, 5] {
+        let store = format!("S6 redlock ({nodes} nodes): parallel vs sequential");
+        let roles: Vec<&str> = rows(&json, "s1_acquire_release")
+            .iter()
+            .filter(|row| row["store"] == store.as_str())
+            .map(|row| row["role"].as_str().unwrap())
+            .collect();
+        assert!(
+            roles.contains(&"library") && roles.contains(&"floor"),
+            "{store}: {roles:?}"
+        );
+    }
+    // Redlock over 5 nodes is held to single-node Redis, not to the floor.
+    let redlock_target = rows(&json, "targets").iter().any(|row| {
+        row["target"]
+            .as_str()
+            .unwrap()
+            .starts_with("S1 redis / fencelock redlock (5 nodes): p50")
+            && row["target"]
+                .as_str()
+                .unwrap()
+                .contains("× fencelock redis (1 node) (target ≤ 1.5×)")
+    });
+    assert!(redlock_target, "no Redlock-over-5 target against one node");
     // S3 runs 1, 8 and 64 contenders with holds of 0 and 1 ms on every store.
     assert_eq!(
         rows(&json, "s3_hot_lock").len(),
         SCENARIO_STORES.len() * 6,
         "S3 rows"
     );
-    for store in ["postgres (lease)", "mariadb (lease)"] {
+    for store in ["redis", "etcd", "postgres (lease)", "mariadb (lease)"] {
         let counted = rows(&json, "server_ops_per_cycle")
             .iter()
             .any(|row| row["store"] == store);
