@@ -1,23 +1,28 @@
-//! `fencelock-bench`: fencelock against the raw floor of each store, measured side by
-//! side in one run (issue 9, first cut).
+//! `fencelock-bench`: fencelock against the raw floor of each store and against the
+//! peer crates a user would pick instead, measured side by side in one run (issue 9).
 //!
 //! ```text
-//! fencelock-bench [--quick | --full] [--out DIR]
+//! fencelock-bench [--quick | --full] [--out DIR] [--only STORE,...] [--scenarios-only | --no-scenarios]
 //! ```
 //!
-//! Starts Redis (1 and 5 nodes), etcd and ZooKeeper through the conformance harness
-//! and SQLite in a temp dir, all on loopback, and runs, interleaved (A B A B …):
+//! Starts Redis (1 and 5 nodes), etcd, ZooKeeper, Postgres and MariaDB through the
+//! conformance harness and SQLite in a temp dir, all on loopback, and runs,
+//! interleaved (A B A B …):
 //!
 //! - **S1** uncontended acquire+release, p50 and p99, library vs the floor (the same
-//!   client crate sending the minimal commands by hand), with server operations per
-//!   cycle where the server counts them (Redis requests and commands, etcd revisions);
-//! - **S4** release→next-holder hand-off p50 against one round trip of a trivial
-//!   command on the same server.
+//!   client crate sending the minimal commands by hand) and the peers, with server
+//!   operations per cycle where the server counts them;
+//! - **S4** release→next-holder hand-off against one round trip, a hand-made or
+//!   raw-server-lock floor, and the peers;
+//! - **S6** Redlock over 3 and 5 nodes, parallel vs sequential;
+//! - **S2, S3, S5, S7** (64 clients on distinct names; one hot lock with 1/8/64
+//!   contenders; 10,000 held locks; holder killed) on every store, fencelock only.
 //!
 //! Every number is a ratio to a floor measured in the same run. `--quick` (for CI)
 //! asserts nothing about time: it checks each scenario runs and the counted server
 //! operations per cycle are the expected ones. Results go to `DIR` (default
-//! `bench-results/`) as `results.md` and `results.json`; the table is also printed.
+//! `bench-results/`) as `results.md`, `results.json` and the chart `results.svg`; the
+//! table is also printed.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

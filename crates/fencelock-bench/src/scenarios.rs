@@ -572,8 +572,9 @@ fn resident_bytes() -> Result<u64> {
         .nth(1)
         .ok_or("/proc/self/statm has no resident field")?
         .parse()?;
-    // The page size of every Linux platform this runs on in CI.
-    Ok(pages * 4096)
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?
+        .ok_or("the system reports no page size")?;
+    Ok(pages * u64::try_from(page)?)
 }
 
 // --- S7 ---------------------------------------------------------------------------
