@@ -173,7 +173,8 @@ impl SqliteConfig {
         }
         check_table_name("table", &self.table)?;
         check_table_name("fence_table", &self.fence_table)?;
-        if self.table == self.fence_table {
+        // SQLite matches table names without regard to ASCII case.
+        if self.table.eq_ignore_ascii_case(&self.fence_table) {
             return Err(Error::config(format!(
                 "`table` and `fence_table` are both `{}`; the lease rows and the fence gate need \
                  two tables, e.g. fence_table={}",
@@ -353,8 +354,13 @@ mod tests {
 
     #[test]
     fn one_table_for_leases_and_fences_is_refused() {
-        let err = config_error("sqlite://l.db?table=x&fence_table=x");
-        assert!(err.contains("two tables"), "{err}");
+        for url in [
+            "sqlite://l.db?table=x&fence_table=x",
+            "sqlite://l.db?table=Locks&fence_table=locks",
+        ] {
+            let err = config_error(url);
+            assert!(err.contains("two tables"), "{url}: {err}");
+        }
     }
 
     #[test]

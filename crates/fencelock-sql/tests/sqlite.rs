@@ -1,7 +1,6 @@
 //! The SQLite store's own rules, on real database files in temporary directories.
 //! (The shared contract runs against it from `fencelock-conformance`.)
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,17 +14,10 @@ use tokio::time::Instant;
 
 mod common;
 
-use common::{HOUR, MINUTE, assert_lost, name, request};
+use common::{HOUR, MINUTE, assert_lost, bounded, name, request};
 
 /// The database clock in ms, as the store computes it.
 const DB_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
-
-/// Runs a test body with a bound, so a hang fails instead of blocking CI.
-async fn bounded<F: Future>(body: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(30), body)
-        .await
-        .expect("the test finished within 30s")
-}
 
 fn db_path(dir: &TempDir) -> PathBuf {
     dir.path().join("locks.db")
