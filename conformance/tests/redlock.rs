@@ -9,7 +9,8 @@ use std::time::Duration;
 use fencelock_conformance::StoreFixture;
 use fencelock_conformance::harness::{RedisPersistence, RedisServer, Server};
 use fencelock_core::{
-    AcquireRequest, Error, Lease, LockBackend, LockName, Result, WaitPolicy, async_trait,
+    AcquireRequest, Error, FencingToken, Lease, LockBackend, LockName, Result, WaitPolicy,
+    async_trait,
 };
 use fencelock_redis::redis;
 use fencelock_redlock::RedlockBackend;
@@ -307,4 +308,221 @@ async fn a_ttl_too_short_for_redlock_is_refused() {
     for server in &fixture.servers {
         assert!(!has_key(server, &lock).await, "a node was asked");
     }
+}
+
+/// The `calls` of `command` in `server`'s `INFO commandstats` (commands run inside
+/// scripts count too), 0 if it never ran.
+async fn calls(server: &RedisServer, command: &str) -> u64 {
+    let mut conn = operator(server).await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |count| count.parse().expect("calls is a number"))
+}
+
+/// Scripts run (`EVALSHA`) and claims made (the claim script is the only one that
+/// reads the server clock: one `TIME` each) on every node so far.
+async fn scripts_and_claims(servers: &[RedisServer]) -> Vec<(u64, u64)> {
+    let mut counts = Vec::with_capacity(servers.len());
+    for server in servers {
+        counts.push((calls(server, "evalsha").await, calls(server, "time").await));
+    }
+    counts
+}
+
+async fn get(server: &RedisServer, key: &str) -> Option<String> {
+    let mut conn = operator(server).await;
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET")
+}
+
+async fn set(server: &RedisServer, key: &str, value: &str) {
+    let mut conn = operator(server).await;
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+}
+
+/// Waits until `key` on `server` holds `value` (`None`: is gone), looking 500 times
+/// every 10 ms; a grant or release returns once a majority answered, and the other
+/// nodes' requests land right after.
+async fn until_value(server: &RedisServer, key: &str, value: Option<&str>) {
+    for _ in 0..500 {
+        if get(server, key).await.as_deref() == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{key} on {} is {:?}, expected {value:?}",
+        server.addr(),
+        get(server, key).await
+    );
+}
+
+/// An uncontended acquire on nodes whose counters agree is granted after one round:
+/// every node runs exactly one claim and no raise (acquire + release cost exactly two
+/// scripts per node), and the token, the agreed count plus one, is stored on every
+/// node with the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_acquire_is_granted_after_one_round() {
+    let fixture = RedlockFixture::start(5).await;
+    // The rule is about rounds, not timeouts: a loaded machine must not fail a node.
+    let url = format!("{}?node_timeout=1s", fixture.redlock_url());
+    let backend = RedlockBackend::open(&url).await.expect("connect");
+    let lock = name("one-round");
+    let (lock_key, counter) = (backend.lock_key(&lock), backend.token_key(&lock));
+    for server in &fixture.servers {
+        set(server, &counter, "1000").await;
+    }
+    let before = scripts_and_claims(&fixture.servers).await;
+    let lease = backend
+        .acquire(request(&lock, WaitPolicy::NoWait))
+        .await
+        .expect("free: granted");
+    assert_eq!(lease.token(), FencingToken(1001));
+    let stamp = format!("{}:1001", lease.owner().as_str());
+    for server in &fixture.servers {
+        until_value(server, &lock_key, Some(&stamp)).await;
+    }
+    let held = scripts_and_claims(&fixture.servers).await;
+    for ((server, (scripts0, claims0)), (scripts, claims)) in
+        fixture.servers.iter().zip(&before).zip(&held)
+    {
+        // A raise reaches a majority before the grant returns: it would show here.
+        assert_eq!(
+            (scripts - scripts0, claims - claims0),
+            (1, 1),
+            "scripts and claims on {} while held (a raise would make 2 scripts)",
+            server.addr()
+        );
+        assert_eq!(get(server, &counter).await.as_deref(), Some("1001"));
+    }
+    backend.release(&lease).await.expect("release");
+    for server in &fixture.servers {
+        until_value(server, &lock_key, None).await;
+    }
+    let released = scripts_and_claims(&fixture.servers).await;
+    for ((server, (scripts0, claims0)), (scripts, claims)) in
+        fixture.servers.iter().zip(&before).zip(&released)
+    {
+        assert_eq!(
+            (scripts - scripts0, claims - claims0),
+            (2, 1),
+            "claim + release on {}, nothing else",
+            server.addr()
+        );
+    }
+}
+
+/// When the granting majority's counts differ (one node's counter lags), the grant
+/// takes the raise: its token is the highest count, above every earlier token, and the
+/// lagging node's counter and claim are brought up to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_counter_takes_the_raise_and_catches_up() {
+    let fixture = RedlockFixture::start(3).await;
+    let url = format!("{}?node_timeout=1s", fixture.redlock_url());
+    let backend = RedlockBackend::open(&url).await.expect("connect");
+    let lock = name("lagging-counter");
+    let (lock_key, counter) = (backend.lock_key(&lock), backend.token_key(&lock));
+    for server in &fixture.servers {
+        set(server, &counter, "1000").await;
+    }
+    let first = take(&backend, &lock).await;
+    assert_eq!(first.token(), FencingToken(1001));
+    backend.release(&first).await.expect("release");
+    for server in &fixture.servers {
+        until_value(server, &lock_key, None).await;
+    }
+
+    // Node 0 lags (a minority: as if it had missed grants); node 2 cannot answer, so
+    // the majority is exactly {0, 1} and their counts differ (501 and 1002).
+    let (lagging, current, paused) = (
+        &fixture.servers[0],
+        &fixture.servers[1],
+        &fixture.servers[2],
+    );
+    set(lagging, &counter, "500").await;
+    let before = scripts_and_claims(&fixture.servers[..2]).await;
+    paused.pause().expect("pause node 2");
+    let granted = backend.acquire(request(&lock, WaitPolicy::NoWait)).await;
+    let after = scripts_and_claims(&fixture.servers[..2]).await;
+    let state = backend.inspect(&lock).await;
+    paused.resume().expect("resume node 2");
+    let second = granted.expect("a majority is up and free: granted");
+    assert_eq!(second.token(), FencingToken(1002), "the highest count");
+    assert!(second.token() > first.token());
+    for ((server, (scripts0, claims0)), (scripts, claims)) in
+        fixture.servers.iter().zip(&before).zip(&after)
+    {
+        assert_eq!(
+            (scripts - scripts0, claims - claims0),
+            (2, 1),
+            "claim + raise on {}",
+            server.addr()
+        );
+    }
+    let stamp = format!("{}:1002", second.owner().as_str());
+    for server in [lagging, current] {
+        assert_eq!(get(server, &counter).await.as_deref(), Some("1002"));
+        assert_eq!(
+            get(server, &lock_key).await.as_deref(),
+            Some(stamp.as_str())
+        );
+    }
+    let state = state.expect("inspect").expect("held");
+    assert_eq!(
+        (state.holder, state.token),
+        (second.owner().clone(), second.token())
+    );
+    backend.release(&second).await.expect("release");
+
+    // Node 2 ran its queued claim, raise and release on resuming, before this claim.
+    let third = take(&backend, &lock).await;
+    assert!(
+        third.token() > second.token(),
+        "{} after {}",
+        third.token(),
+        second.token()
+    );
+    backend.release(&third).await.expect("release");
+}
+
+/// Tokens keep rising after every node restarted without its data: a missing counter
+/// is seeded from the node's clock in µs, which is ahead of every earlier count (a
+/// count gains one per grant, far less than one per µs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rise_after_every_node_restarted_empty() {
+    let mut fixture = RedlockFixture::start(3).await;
+    let backend = RedlockBackend::open(&fixture.redlock_url())
+        .await
+        .expect("connect");
+    let lock = name("all-restarted");
+    let counter = backend.token_key(&lock);
+    let mut last = FencingToken(0);
+    for _ in 0..20 {
+        let lease = take(&backend, &lock).await;
+        assert!(lease.token() > last, "{} after {last}", lease.token());
+        backend.release(&lease).await.expect("release");
+        last = lease.token();
+    }
+    for server in &mut fixture.servers {
+        server.restart(false).await.expect("restart empty");
+        assert_eq!(get(server, &counter).await, None, "the counter was lost");
+    }
+    let next = take(&backend, &lock).await;
+    assert!(next.token() > last, "{} after {last}", next.token());
+    backend.release(&next).await.expect("release");
 }

@@ -89,10 +89,19 @@ return {{0, pttl}}"
     ))
 });
 
-/// Redlock's first phase. KEYS: lock, counter, waiters. ARGV: owner, ttl ms, margin ms.
-/// `{1, floor}` when claimed (the value is `owner:` until `RAISE` stamps the token;
-/// `floor` is `max(counter, now_us)`), `{0, pttl}` when held. A claim left by an
-/// earlier attempt of the same owner (whose release did not arrive) is taken over.
+/// Redlock's first phase. KEYS: lock, counter, waiters. ARGV: owner, ttl ms, counter
+/// ttl ms, margin ms. When the name is free (or already claimed by `owner`, from an
+/// earlier attempt whose release did not arrive), claims it and counts: the counter
+/// becomes `counter + 1`, or the server time in µs when the counter is missing (or not
+/// a number), the claim is stamped `owner:count`, and `{1, count}` is returned. The
+/// counter and the claim are written in one script, so the count is stored on the node
+/// while this claim is live there. `{0, pttl}` when held by someone else.
+///
+/// The count is seeded from the clock only when missing, not floored at it on every
+/// claim, so nodes that saw the same grants hold the same count and a grant whose
+/// majority agrees needs no second phase. A counter lost with the node's data is
+/// re-seeded above every count minted before, as long as the clock did not go back:
+/// a count gains one per claim granted on a node, far less than one per microsecond.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW_US}
@@ -105,27 +114,32 @@ if not ours(redis.call('GET', KEYS[1]), ARGV[1], '') then
     return {{0, pttl}}
   end
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ':', 'PX', ARGV[2])
-local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-return {{1, string.format('%.0f', math.max(last, now_us))}}"
+local last = tonumber(redis.call('GET', KEYS[2]) or '')
+local count = now_us
+if last then count = last + 1 end
+count = string.format('%.0f', count)
+redis.call('SET', KEYS[2], count, 'PX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. count, 'PX', ARGV[2])
+return {{1, count}}"
     ))
 });
 
-/// Redlock's second phase. KEYS: lock, counter. ARGV: owner, token, counter ttl ms.
-/// Raises the counter to at least `token` (always), and stamps a claim `owner:` that
-/// is still live as `owner:token`, keeping its expiry. Returns 1 if the claim was
-/// still ours, else 0.
+/// Redlock's second phase, when the granting nodes' counts differ. KEYS: lock,
+/// counter. ARGV: owner, token, counter ttl ms. Raises the counter to at least `token`
+/// (always, so a lagging node catches up), and restamps a claim of `owner` that is
+/// still live as `owner:token`, keeping its expiry. Returns 1 if the claim was still
+/// ours, else 0.
 static RAISE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{GREATER}
+{OURS}
 local last = redis.call('GET', KEYS[2])
-if (not last) or greater(ARGV[2], last) then
+if (not last) or (not tonumber(last)) or greater(ARGV[2], last) then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 else
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] .. ':' or value == ARGV[1] .. ':' .. ARGV[2] then
+if ours(redis.call('GET', KEYS[1]), ARGV[1], '') then
   local pttl = redis.call('PTTL', KEYS[1])
   if pttl > 0 then
     redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', pttl)
@@ -261,7 +275,7 @@ impl KeySpace {
 /// The outcome of one acquire or claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attempt {
-    /// Granted with this token (for a claim: the node's counter floor).
+    /// Granted with this token (for a Redlock claim: the node's count, see [`claim`]).
     Granted(FencingToken),
     /// Held by someone else for this much longer; `None` if the grant has no expiry.
     Held(Option<Duration>),
@@ -305,8 +319,10 @@ pub async fn acquire(
     attempt(reply)
 }
 
-/// Redlock's first phase on one node: claims `name` for `owner` if free and returns
-/// the node's counter floor (script `CLAIM`).
+/// Redlock's first phase on one node: claims `name` for `owner` if free, counts, and
+/// stamps the claim with the count (script `CLAIM`), keeping the counter for the
+/// default 24 h ([`RedisConfig::DEFAULT_TOKEN_TTL`](crate::RedisConfig::DEFAULT_TOKEN_TTL),
+/// or `ttl` if longer). [`Attempt::Granted`] carries the node's count.
 ///
 /// # Errors
 /// As [`acquire`].
@@ -317,12 +333,37 @@ pub async fn claim(
     owner: &OwnerId,
     ttl: Duration,
 ) -> RedisResult<Attempt> {
+    claim_with_token_ttl(
+        conn,
+        keys,
+        name,
+        owner,
+        ttl,
+        crate::RedisConfig::DEFAULT_TOKEN_TTL,
+    )
+    .await
+}
+
+/// [`claim`], keeping the counter for `token_ttl` (or `ttl` if longer) after this
+/// claim.
+///
+/// # Errors
+/// As [`acquire`].
+pub async fn claim_with_token_ttl(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    name: &str,
+    owner: &OwnerId,
+    ttl: Duration,
+    token_ttl: Duration,
+) -> RedisResult<Attempt> {
     let reply: (i64, String) = CLAIM
         .key(keys.lock(name))
         .key(keys.token(name))
         .key(keys.waiters(name))
         .arg(owner.as_str())
         .arg(millis_ceil(ttl))
+        .arg(millis_ceil(token_ttl.max(ttl)))
         .arg(WAITER_MARGIN_MS)
         .invoke_async(conn)
         .await?;
@@ -330,8 +371,8 @@ pub async fn claim(
 }
 
 /// Redlock's second phase on one node: raises the counter of `name` to at least
-/// `token` and stamps `owner`'s claim with it (script `RAISE`). Returns whether the claim
-/// was still live; the counter is raised either way.
+/// `token` and restamps `owner`'s claim with it (script `RAISE`). Returns whether the
+/// claim was still live; the counter is raised either way.
 ///
 /// # Errors
 /// The command's failure.

@@ -39,18 +39,25 @@ const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
 ///
 /// # Acquire
 /// 1. **Claim** on every node in parallel, each request bounded by the node timeout
-///    (default `min(50 ms, ttl/10)`): `SET {prefix}lock:{name} {owner}: NX PX ttl`,
-///    returning the node's counter floor `max(counter, server time in µs)`.
+///    (default `min(50 ms, ttl/10)`), one script per node: `SET {prefix}lock:{name}
+///    {owner}:{count} NX PX ttl`, where `count` is the node's counter of the name plus
+///    one (the server time in µs when the counter is missing), written back to the
+///    counter in the same script and returned.
 ///    The attempt goes on as soon as the replies decide it (a majority granted, or
 ///    can no longer grant): the slowest nodes are not waited for. A claim they make
 ///    later is ours like the others and is released by owner with them.
 /// 2. If at least `N/2 + 1` nodes granted and
 ///    `validity = ttl − elapsed − (ttl·1 % + 2 ms)` is still positive (elapsed counted
-///    from before the first send), the token is `max(floors) + 1`.
-/// 3. **Raise** on every node in parallel: set the counter to at least the token and
-///    stamp the claim `{owner}:{token}`, in one script. The grant stands iff at least
-///    `N/2 + 1` nodes did both **while our claim was live there**, before the validity
-///    minus one node timeout ends (again without waiting for the slowest nodes).
+///    from before the first send), the token is the highest count among them. When a
+///    majority returned exactly that count (the common case: nodes that saw the same
+///    grants count alike), the token is already stored on a majority, each time together
+///    with our claim, and the lock is granted: **one round trip**. (A name's first
+///    grant, whose counter each node seeds from its own clock, takes step 3.)
+/// 3. Otherwise **raise** on every node in parallel: set the counter to at least the
+///    token and restamp the claim `{owner}:{token}`, in one script. The grant stands iff
+///    at least `N/2 + 1` nodes did both **while our claim was live there**, before the
+///    validity minus one node timeout ends (again without waiting for the slowest
+///    nodes). The raise also brings lagging counters up to the others.
 /// 4. Otherwise the claims are released on every node, and the attempt is retried
 ///    after a release message (pub/sub on every node), the holders' remaining time, or
 ///    a random pause up to [`retry_delay`](RedlockConfig::retry_delay), until the wait
@@ -254,8 +261,9 @@ impl RedlockBackend {
         }
     }
 
-    /// One Redlock attempt: claim, decide, raise; on failure the claims are released
-    /// (on a majority before this returns, on the rest in the background).
+    /// One Redlock attempt: claim (counting on each node), decide, and raise only when
+    /// the granting nodes' counts differ; on failure the claims are released (on a
+    /// majority before this returns, on the rest in the background).
     async fn attempt(&self, req: &AcquireRequest) -> std::result::Result<Lease, Refusal> {
         let owner = &req.owner;
         let config = &self.inner.config;
@@ -270,14 +278,16 @@ impl RedlockBackend {
         let sent = Instant::now();
         let total = self.inner.nodes.len();
         let ttl = req.ttl;
+        let token_ttl = config.token_ttl.max(req.ttl);
         // Decided as soon as a majority granted (or can no longer grant): any majority's
-        // floors bound every token raised before, and claims still in flight are ours
+        // counts exceed every token granted before, and claims still in flight are ours
         // and released by owner like the rest.
         let claims = self
             .until_decided(
                 limit,
                 move |mut conn, keys, name, owner| async move {
-                    scripts::claim(&mut conn, &keys, &name, &owner, ttl).await
+                    scripts::claim_with_token_ttl(&mut conn, &keys, &name, &owner, ttl, token_ttl)
+                        .await
                 },
                 &req.name,
                 owner,
@@ -295,47 +305,31 @@ impl RedlockBackend {
             )
             .await;
         let validity_end = valid_until(sent, req.ttl);
-        // The raise must land a node timeout before the validity ends, so that no later
-        // claim on a node can have read its counter before our raise (see crate docs).
+        // A raise must land a node timeout before the validity ends (see crate docs).
         let raise_by = validity_end.checked_sub(limit).unwrap_or(sent);
-        let mut floors = Vec::new();
+        let mut counts = Vec::new();
         let mut held = Vec::new();
         let mut failures = Vec::new();
         for claim in claims {
             match claim {
-                Ok(Attempt::Granted(floor)) => floors.push(floor),
+                Ok(Attempt::Granted(count)) => counts.push(count),
                 Ok(Attempt::Held(remaining)) => held.push(remaining),
                 Err(failure) => failures.push(failure),
             }
         }
-        if floors.len() >= quorum && Instant::now() < raise_by {
-            let token = FencingToken(
-                floors
-                    .iter()
-                    .map(|f| f.0)
-                    .max()
-                    .unwrap_or(0)
-                    .saturating_add(1),
-            );
-            let token_ttl = config.token_ttl.max(req.ttl);
-            let raise_limit = limit.min(raise_by.saturating_duration_since(Instant::now()));
-            let raised = self
-                .until_decided(
-                    raise_limit,
-                    move |mut conn, keys, name, owner| async move {
-                        scripts::raise(&mut conn, &keys, &name, &owner, token, token_ttl).await
-                    },
-                    &req.name,
-                    owner,
-                    |results| {
-                        let stamped = results.iter().filter(|r| matches!(r, Ok(true))).count();
-                        let refused = results.iter().filter(|r| matches!(r, Ok(false))).count();
-                        stamped >= quorum || refused > total - quorum
-                    },
-                )
-                .await;
-            let stamped = raised.iter().filter(|r| matches!(r, Ok(true))).count();
-            if stamped >= quorum && Instant::now() < raise_by {
+        if counts.len() >= quorum {
+            let token = counts.iter().copied().max().unwrap_or(FencingToken(0));
+            let agreeing = counts.iter().filter(|count| **count == token).count();
+            let granted = if agreeing >= quorum {
+                // Every claim stored its count with it: the token is already on a majority.
+                Instant::now() < validity_end
+            } else {
+                Instant::now() < raise_by
+                    && self
+                        .raise(&req.name, owner, token, token_ttl, limit, raise_by)
+                        .await
+            };
+            if granted {
                 cleanup.backend = None;
                 return Ok(Lease::new(
                     req.name.clone(),
@@ -344,12 +338,11 @@ impl RedlockBackend {
                     validity_end,
                 ));
             }
-            tracing::debug!(lock = %req.name, store = STORE, stamped, quorum, "fencelock redlock token not stamped on a majority in time");
         }
         cleanup.backend = None;
         self.release_everywhere(&req.name, owner, self.relaxed_limit())
             .await;
-        let answered = floors.len() + held.len();
+        let answered = counts.len() + held.len();
         if answered < quorum {
             return Err(Refusal {
                 retry_in: jitter(config.retry_delay),
@@ -376,6 +369,44 @@ impl RedlockBackend {
             retry_in,
             too_few: None,
         })
+    }
+
+    /// The second phase, when the granting nodes' counts differ: raises every node's
+    /// counter to at least `token` and restamps our claims with it. Whether a majority
+    /// did so while our claim was live there, before `raise_by` (returning as soon as
+    /// the replies decide it; the other nodes catch up in the background).
+    async fn raise(
+        &self,
+        name: &LockName,
+        owner: &OwnerId,
+        token: FencingToken,
+        token_ttl: Duration,
+        limit: Duration,
+        raise_by: Instant,
+    ) -> bool {
+        let (total, quorum) = (self.inner.nodes.len(), self.quorum());
+        let raise_limit = limit.min(raise_by.saturating_duration_since(Instant::now()));
+        let raised = self
+            .until_decided(
+                raise_limit,
+                move |mut conn, keys, name, owner| async move {
+                    scripts::raise(&mut conn, &keys, &name, &owner, token, token_ttl).await
+                },
+                name,
+                owner,
+                |results| {
+                    let stamped = results.iter().filter(|r| matches!(r, Ok(true))).count();
+                    let refused = results.iter().filter(|r| matches!(r, Ok(false))).count();
+                    stamped >= quorum || refused > total - quorum
+                },
+            )
+            .await;
+        let stamped = raised.iter().filter(|r| matches!(r, Ok(true))).count();
+        if stamped >= quorum && Instant::now() < raise_by {
+            return true;
+        }
+        tracing::debug!(lock = %name, store = STORE, stamped, quorum, "fencelock redlock token not stamped on a majority in time");
+        false
     }
 
     /// Sends `request` to every node at once and returns the outcomes that arrived
@@ -667,12 +698,7 @@ impl LockBackend for RedlockBackend {
             if of_owner.len() < quorum {
                 continue;
             }
-            // A grant mid-way through its second phase has no token yet: reported as 0.
-            let token = of_owner
-                .iter()
-                .filter_map(|(_, t, _)| *t)
-                .max()
-                .unwrap_or(FencingToken(0));
+            let token = granted_token(of_owner.iter().filter_map(|(_, t, _)| *t));
             // Held while a majority holds it: the quorum-th longest remaining time.
             let mut remaining: Vec<Duration> = of_owner
                 .iter()
@@ -720,7 +746,41 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// The token of a grant from its claims' stamps: the one stamped on the most nodes
+/// (a grant stamps its token on a majority; a claim that landed after the decision
+/// carries its own node's count until a raise restamps it), the higher on a tie; 0
+/// when there is no stamp (claims of an older version, not yet stamped).
+fn granted_token(stamps: impl Iterator<Item = FencingToken>) -> FencingToken {
+    let mut tally: Vec<(FencingToken, usize)> = Vec::new();
+    for stamp in stamps {
+        match tally.iter_mut().find(|(token, _)| *token == stamp) {
+            Some((_, seen)) => *seen += 1,
+            None => tally.push((stamp, 1)),
+        }
+    }
+    tally
+        .into_iter()
+        .max_by_key(|(token, seen)| (*seen, *token))
+        .map_or(FencingToken(0), |(token, _)| token)
+}
+
 /// A random pause between 0 and `most`.
 fn jitter(most: Duration) -> Duration {
     most.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inspect reports the token stamped on the most nodes: a late claim's own count
+    /// (higher or lower) does not hide the grant's token.
+    #[test]
+    fn inspected_token_is_the_one_stamped_on_the_most_nodes() {
+        let stamps = |values: &[u64]| granted_token(values.iter().copied().map(FencingToken));
+        assert_eq!(stamps(&[7, 7, 7, 8, 6]), FencingToken(7));
+        assert_eq!(stamps(&[8, 7, 7]), FencingToken(7));
+        assert_eq!(stamps(&[5, 9]), FencingToken(9), "a tie goes to the higher");
+        assert_eq!(stamps(&[]), FencingToken(0), "no stamp: 0");
+    }
 }

@@ -33,21 +33,35 @@
 //!
 //! **Fencing tokens** rise strictly from grant to grant of a name in the order the
 //! grants were made, without any clock assumption, **as long as the nodes keep their
-//! data**. The rule: the token is one more than the highest counter read from the
-//! majority that granted the claim, and it is written back to the counters of a
-//! majority *while our claim is live on each of them*, before the grant is returned.
+//! data**. Each node keeps a counter per name that never goes down. A claim granted on
+//! a node adds one to that counter in the same script and stamps the claim with the
+//! new count; the token is the highest count among the majority that granted the
+//! claims. Before the grant is returned, the token is stored (counter at least the
+//! token) on a majority *while our claim is live on each of them*: either a majority
+//! counted exactly the token, so their claims stored it atomically (one round trip,
+//! the common case), or a second phase raises the counters of a majority to it, each
+//! raise checking in the same script that our claim is still there.
 //! Any two grants' majorities share a node; there the later grant's claim could only
-//! be made after the earlier grant's claim ended, which is after the earlier grant
-//! wrote its token there, so the later grant reads a counter at least that high and
-//! mints a higher token.
+//! be made after the earlier grant's claim ended, which is after the earlier token was
+//! stored there, so the later claim counts above the earlier token, and the later
+//! token, the highest count of its majority, is at least that count.
 //!
-//! When that shared node lost its data in between (restart without persistence),
-//! the guarantee weakens: each node's counter is floored at its clock in
-//! microseconds, so the token still rises when the shared node's clock reads later
-//! than the clock that minted the earlier token (true unless the nodes' clocks
-//! disagree by more than the time between the two grants). When a majority of nodes
-//! lost their data at once, mutual exclusion itself may fail, and tokens give only
-//! that clock-based ordering.
+//! The raise must also land a node timeout before the validity ends (a margin of the
+//! two-phase design, kept; the check that our claim is live is what the argument
+//! needs). The one-round grant needs no such margin beyond Redlock's own validity
+//! check, since its count is written by the claim itself.
+//!
+//! When that shared node lost its data in between (restart without persistence), or
+//! its counter expired ([`token_ttl`](RedlockConfig::token_ttl) after its last
+//! claim), the guarantee weakens: a missing counter is seeded from the node's clock
+//! in microseconds. A count then gains one per claim granted (or is raised to another
+//! node's count, which gained the same way), and the claims of a name on a node follow
+//! each other at most once per network round trip, far slower than one per
+//! microsecond; so no token exceeds the reading of the clock that seeded its counter
+//! at the time of its grant. The token still rises when the shared node's clock
+//! reads later than that (true unless the nodes' clocks disagree by more than the
+//! time between the two grants). When a majority of nodes lost their data at once,
+//! mutual exclusion itself may fail, and tokens give only that clock-based ordering.
 //!
 //! Not FIFO. Waiting uses each node's release messages (pub/sub), the holders'
 //! remaining time, and random pauses up to
