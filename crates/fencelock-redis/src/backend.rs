@@ -12,8 +12,8 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use crate::connection::{self, backend_error};
-use crate::scripts::{self, Attempt, KeySpace, Renewal};
-use crate::wake::{WakeListener, Wakers};
+use crate::scripts::{self, Attempt, KeySpace, Released, Renewal};
+use crate::wake::{Handoffs, WakeListener, Wakers};
 use crate::{RedisConfig, RedisFenceGate, STORE};
 
 /// Leases per renewal script: large batches are split so no script blocks the server
@@ -23,6 +23,10 @@ const RENEW_CHUNK: usize = 1000;
 /// How long a waiter sleeps before looking again at a grant that has no expiry (one an
 /// operator wrote by hand): such a grant can only end by a release, which publishes.
 const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
+
+/// How long a waiter without a deadline stays queued per attempt: the script caps it
+/// by the holder's remaining time plus a margin anyway.
+const QUEUE_FOREVER: Duration = Duration::from_secs(24 * 3600);
 
 /// The first pause of a waiter whose attempt failed for a temporary reason (the server
 /// unreachable, a command timed out); it doubles up to [`LONGEST_RETRY`].
@@ -38,14 +42,17 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 ///
 /// - **acquire**: if `{prefix}lock:{name}` does not exist, mint the token and
 ///   `SET {prefix}lock:{name} {owner}:{token} NX PX ttl`; otherwise return the
-///   holder's `PTTL`.
+///   holder's `PTTL`, and, for an acquire that may wait, queue the owner for a
+///   hand-off (see *Waiting*).
 /// - **renew**: `PEXPIRE` the key if it still holds exactly `{owner}:{token}`;
 ///   [`renew_all`](LockBackend::renew_all) checks and extends a whole watchdog tick in
 ///   one script (one round trip for up to 1000 leases; larger ticks send several
 ///   scripts together).
-/// - **release**: `DEL` the key if it still holds exactly `{owner}:{token}`, then, if
-///   a waiter marked the name (`{prefix}waiters:{name}`, set by a failed acquire),
-///   `PUBLISH {prefix}released {name}`. An uncontended release publishes nothing.
+/// - **release**: `DEL` the key if it still holds exactly `{owner}:{token}`, then hand
+///   the lock to the longest-queued waiter whose entry is live: grant it in the same
+///   script (new token, the TTL it asked for) and
+///   `PUBLISH {prefix}released "{name}\0{owner}:{token}"`. An uncontended release
+///   publishes nothing.
 ///
 /// Validity is computed on this side from the instant the request was sent
 /// ([`valid_until`]); the TTL runs on the server from when it ran the script, which is
@@ -63,12 +70,24 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 /// (a single server does not reach that).
 ///
 /// # Waiting
-/// [`WaitKind::Notify`]: each backend keeps one pub/sub connection subscribed to
-/// `{prefix}released`; a release that someone waits for (each failed attempt marks the
-/// name for the holder's remaining time plus 2 s) wakes this process's waiters on that
-/// name, which try again at once. An expiry publishes nothing, so a waiter also wakes
-/// when the holder's remaining time (returned by its failed attempt) has passed. Not
-/// FIFO.
+/// [`WaitKind::Notify`], by direct hand-off: a refused attempt that may wait queues its
+/// owner on the server (`{prefix}queue:{name}`, ordered by when it first queued, and
+/// `{prefix}wants:{name}` with its TTL and how long the entry lasts: the holder's
+/// remaining time plus 2 s, or the end of the wait if sooner). A release grants the
+/// lock to the longest-queued live waiter inside its own script and publishes the
+/// grant; each backend keeps one pub/sub connection on `{prefix}released`, and the
+/// waiter's process hands it the token: the hand-off costs the release's round trip
+/// and the message, and the waiter sends nothing. Its validity counts from the send of
+/// its last refused attempt (the grant came after that attempt ran); if less than half
+/// the TTL is left when the message arrives, the waiter confirms with one more attempt,
+/// which restarts the TTL. Other waiters keep their places and are not woken.
+///
+/// An expiry hands nothing on, so a waiter also looks again (and re-queues) when the
+/// holder's remaining time has passed; whoever asks first then takes the free lock, so
+/// the order is not strictly FIFO. A waiter that gives up, or whose future is dropped,
+/// leaves the queue and passes on a grant handed to it meanwhile. A waiter whose
+/// process dies while queued can still be handed the lock until its entry ends; the
+/// lock then ends at that waiter's TTL, as a dead holder's would.
 ///
 /// # Cancel safety
 /// An acquire whose reply was not seen (its future was dropped, the command timed out
@@ -95,6 +114,7 @@ struct Inner {
     keys: KeySpace,
     address: String,
     wakers: Arc<Wakers>,
+    handoffs: Arc<Handoffs>,
     _listener: WakeListener,
 }
 
@@ -122,10 +142,12 @@ impl RedisBackend {
         let keys = KeySpace::new(config.prefix.clone());
         let address = config.node.address();
         let wakers = Arc::new(Wakers::default());
-        let listener = WakeListener::subscribe(
+        let handoffs = Arc::new(Handoffs::default());
+        let listener = WakeListener::subscribe_with_handoffs(
             connection::client(&config.node)?,
             keys.channel(),
             &wakers,
+            &handoffs,
             config.connect_timeout,
         )
         .await
@@ -137,6 +159,7 @@ impl RedisBackend {
                 keys,
                 address,
                 wakers,
+                handoffs,
                 _listener: listener,
             }),
         })
@@ -194,10 +217,12 @@ impl RedisBackend {
         }
     }
 
-    /// One attempt: the lease if granted, else how long the holder keeps it.
+    /// One attempt: the lease if granted, else how long the holder keeps it. With
+    /// `queue_for`, a refused attempt queues the owner for a hand-off.
     async fn attempt(
         &self,
         req: &AcquireRequest,
+        queue_for: Option<Duration>,
     ) -> Result<std::result::Result<Lease, Option<Duration>>> {
         let mut conn = self.inner.conn.clone();
         let in_flight = InFlight {
@@ -213,6 +238,7 @@ impl RedisBackend {
             &req.owner,
             req.ttl,
             self.inner.config.token_ttl,
+            queue_for,
         )
         .await;
         in_flight.settle();
@@ -297,20 +323,38 @@ impl LockBackend for RedisBackend {
         let deadline = WaitDeadline::start(req.wait);
         if !deadline.may_wait() {
             return self
-                .attempt(&req)
+                .attempt(&req, None)
                 .await?
                 .map_err(|_| deadline.give_up(&req.name, STORE));
         }
         let waiter = self.inner.wakers.join(req.name.as_str());
+        let mut handoff = self.inner.handoffs.register(&req.owner);
+        // Until settled, a dropped or failed wait leaves the queue (and passes on a
+        // grant handed to it meanwhile) in the background.
+        let queued = Queued {
+            backend: Some(self),
+            name: &req.name,
+            owner: &req.owner,
+        };
         let mut retry = FIRST_RETRY;
-        // Ends at the deadline; each round waits for a release or the holder's expiry,
-        // or, after a temporary failure, for a growing pause.
+        // Ends at the deadline; each round waits for a hand-off, a wake-up (the pub/sub
+        // connection came back) or the holder's expiry, or, after a temporary failure,
+        // for a growing pause.
         loop {
-            // Made before the attempt, so a release between the attempt and the wait
-            // still wakes this waiter.
+            // Made before the attempt, so a wake-up between the attempt and the wait
+            // is not missed.
             let released = waiter.notify().notified();
-            let remaining = match self.attempt(&req).await {
-                Ok(Ok(lease)) => return Ok(lease),
+            // Queued for as long as this wait may last, capped in the script by the
+            // holder's remaining time plus a margin.
+            let queue_for = deadline.deadline().map_or(QUEUE_FOREVER, |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+            let sent = Instant::now();
+            let remaining = match self.attempt(&req, Some(queue_for)).await {
+                Ok(Ok(lease)) => {
+                    queued.settle();
+                    return Ok(lease);
+                }
                 Ok(Err(remaining)) => remaining,
                 // A wait outlives a store that is briefly unreachable; the last failure
                 // is what the caller hears if the deadline passes meanwhile.
@@ -321,26 +365,46 @@ impl LockBackend for RedisBackend {
                         () = tokio::time::sleep_until(deadline.cap(Instant::now() + retry)) => {}
                     }
                     if deadline.passed() {
+                        queued.leave().await;
                         return Err(err);
                     }
                     retry = (retry * 2).min(LONGEST_RETRY);
                     continue;
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    queued.leave().await;
+                    return Err(err);
+                }
             };
             retry = FIRST_RETRY;
             if deadline.passed() {
+                queued.leave().await;
                 return Err(deadline.give_up(&req.name, STORE));
             }
-            // An expiry publishes nothing: look again just after the holder's TTL.
+            // An expiry hands nothing on: look again just after the holder's TTL.
             let fallback = remaining.map_or(NO_EXPIRY_RECHECK, |d| d + Duration::from_millis(1));
             tracing::debug!(
                 lock = %req.name,
                 store = STORE,
                 held_for_ms = u64::try_from(fallback.as_millis()).unwrap_or(u64::MAX),
-                "lock is held; waiting for its release"
+                "lock is held; queued for its release"
             );
             tokio::select! {
+                handed = &mut handoff.receiver => {
+                    if let Ok(token) = handed {
+                        // Granted by a release that ran after this attempt did (an
+                        // earlier one would have made the attempt see the grant), so
+                        // the TTL counts from no earlier than this attempt's send.
+                        let lease = Lease::new(req.name.clone(), req.owner.clone(), token, valid_until(sent, req.ttl));
+                        if lease.remaining() > req.ttl / 2 {
+                            queued.settle();
+                            return Ok(lease);
+                        }
+                        // Delivered late (this process was slow): the next attempt sees
+                        // the grant and restarts its TTL.
+                    }
+                    handoff = self.inner.handoffs.register(&req.owner);
+                }
                 () = released => {}
                 () = tokio::time::sleep_until(deadline.cap(Instant::now() + fallback)) => {}
             }
@@ -370,21 +434,20 @@ impl LockBackend for RedisBackend {
     async fn release(&self, lease: &Lease) -> Result<()> {
         let mut conn = self.inner.conn.clone();
         let name = lease.name().as_str();
-        let deleted = scripts::release(
+        let released = scripts::release_handing_off(
             &mut conn,
             &self.inner.keys,
             name,
             lease.owner(),
             Some(lease.token()),
+            self.inner.config.token_ttl,
+            false,
         )
         .await
         .map_err(|err| self.failed(format_args!("release `{name}`"), err))?;
-        if !deleted {
-            return Err(Self::lost(lease));
-        }
-        // The published message reaches this process too; waking now saves its trip.
-        self.inner.wakers.wake(name);
-        Ok(())
+        self.after_release(name, released)
+            .then_some(())
+            .ok_or_else(|| Self::lost(lease))
     }
 
     async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
@@ -452,17 +515,26 @@ impl Drop for InFlight<'_> {
 
 impl RedisBackend {
     /// Releases by owner a grant its acquirer never saw (its reply was lost, or the
-    /// acquire was dropped mid-flight); failures are logged: the grant then ends at
-    /// its TTL.
+    /// acquire was dropped mid-flight), and takes the owner out of the queue; failures
+    /// are logged: the grant then ends at its TTL, and the queue entry at its time.
     async fn undo_unseen(&self, name: &LockName, owner: &OwnerId) {
         let mut conn = self.inner.conn.clone();
-        let freed = scripts::release(&mut conn, &self.inner.keys, name.as_str(), owner, None).await;
+        let freed = scripts::release_handing_off(
+            &mut conn,
+            &self.inner.keys,
+            name.as_str(),
+            owner,
+            None,
+            self.inner.config.token_ttl,
+            true,
+        )
+        .await;
         match freed {
-            Ok(true) => {
-                tracing::debug!(lock = %name, store = STORE, "freed a grant its acquirer never saw");
-                self.inner.wakers.wake(name.as_str());
+            Ok(released) => {
+                if self.after_release(name.as_str(), released) {
+                    tracing::debug!(lock = %name, store = STORE, "freed a grant its acquirer never saw");
+                }
             }
-            Ok(false) => {}
             Err(err) => tracing::warn!(
                 lock = %name,
                 store = STORE,
@@ -470,5 +542,61 @@ impl RedisBackend {
                 "could not free a grant its acquirer never saw; it ends at its TTL"
             ),
         }
+    }
+
+    /// Wakes what a release concerns in this process: the waiter it handed the lock to,
+    /// if it is ours (its process hears it by pub/sub otherwise), or the local waiters
+    /// on a freed name. Whether the grant was ours.
+    fn after_release(&self, name: &str, released: Released) -> bool {
+        match released {
+            Released::NotOurs => false,
+            Released::Freed => {
+                self.inner.wakers.wake(name);
+                true
+            }
+            Released::HandedTo(owner, token) => {
+                self.inner.handoffs.deliver(&owner, token);
+                true
+            }
+        }
+    }
+}
+
+/// A waiting acquire that may be queued on the server. Dropped unsettled (the future
+/// was dropped mid-wait), it takes the owner out of the queue in the background and
+/// passes on a grant a release may have handed to it meanwhile.
+struct Queued<'a> {
+    backend: Option<&'a RedisBackend>,
+    name: &'a LockName,
+    owner: &'a OwnerId,
+}
+
+impl Queued<'_> {
+    /// Granted: the grant took the owner out of the queue.
+    fn settle(mut self) {
+        self.backend = None;
+    }
+
+    /// Gives up: leaves the queue, and passes on a grant handed to the owner since.
+    async fn leave(mut self) {
+        if let Some(backend) = self.backend.take() {
+            backend.undo_unseen(self.name, self.owner).await;
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let Some(backend) = self.backend.take() else {
+            return;
+        };
+        // Without a runtime the entry ends at its time, and a grant at its TTL.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = backend.clone();
+        let name = self.name.clone();
+        let owner = self.owner.clone();
+        runtime.spawn(async move { backend.undo_unseen(&name, &owner).await });
     }
 }

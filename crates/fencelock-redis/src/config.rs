@@ -272,8 +272,9 @@ pub struct RedisConfig {
     /// The server.
     pub node: RedisNode,
     /// Prepended to every key: `{prefix}lock:{name}` holds a grant,
-    /// `{prefix}token:{name}` the name's token counter, `{prefix}waiters:{name}` marks
-    /// that someone waits, `{prefix}fence:{resource}` a fence gate's highest token, and
+    /// `{prefix}token:{name}` the name's token counter, `{prefix}queue:{name}` and
+    /// `{prefix}wants:{name}` the waiters queued for a hand-off (Redlock marks
+    /// `{prefix}waiters:{name}` instead), `{prefix}fence:{resource}` a fence gate's highest token, and
     /// releases are published on `{prefix}released`. Default [`DEFAULT_PREFIX`](Self::DEFAULT_PREFIX). Give each
     /// application its own prefix to keep their locks apart.
     pub prefix: String,

@@ -4,10 +4,12 @@
 //! once when the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 //!
 //! A grant is the key `{prefix}lock:{name}` holding `{owner}:{token}` with a `PX`
-//! expiry; `{prefix}token:{name}` holds the name's token counter, and
-//! `{prefix}waiters:{name}` exists while someone waits (so only a release that someone
-//! waits for publishes). The namespaces start with different literals after the
-//! prefix, so no name's lock key is another name's token or waiters key. Owner ids are 32 hex digits without `:`, so a value names its
+//! expiry; `{prefix}token:{name}` holds the name's token counter. On one server,
+//! `{prefix}queue:{name}` (a sorted set) and `{prefix}wants:{name}` (a hash) hold the
+//! waiters queued for a hand-off, so only a release that hands the lock on publishes;
+//! Redlock's nodes instead mark `{prefix}waiters:{name}` while someone waits. The
+//! namespaces start with different literals after the prefix, so no name's lock key
+//! is another name's counter, queue or mark. Owner ids are 32 hex digits without `:`, so a value names its
 //! owner unambiguously. Checks compare the whole value (owner **and** token), except
 //! the cleanup of an acquire whose reply was never seen, which knows only the owner.
 //!
@@ -63,28 +65,55 @@ local function mark_waiter(pttl)
 end
 ";
 
-/// KEYS: lock, counter, waiters. ARGV: owner, ttl ms, counter ttl ms, margin ms.
-/// `{1, token}` when granted, `{0, pttl}` when held (pttl -1: held without expiry),
-/// after marking that someone waits.
+/// KEYS: lock, counter, queue, wants. ARGV: owner, ttl ms, counter ttl ms, queue ms
+/// (0: do not queue), margin ms. `{1, token}` when granted, `{0, pttl}` when held
+/// (pttl -1: held without expiry).
 ///
 /// The token is `max(counter + 1, now_us)`: it rises by at least one per grant, and it
 /// never lags the server clock, so a counter lost with all data (or expired) is
 /// re-seeded above every token minted before, as long as the clock did not go back.
-/// The counter is written only when the `SET NX` took the lock, so a refused attempt
-/// writes nothing but the waiter mark. The grant is the script's first check, which
-/// keeps an uncontended acquire at four commands.
+/// The counter is written only when the `SET NX` took the lock. The grant is the
+/// script's first check, which keeps an uncontended acquire at four commands.
+///
+/// A grant that a release handed to `owner` while it waited is returned as granted,
+/// with its expiry reset to a full TTL from now. A refused attempt that may wait
+/// queues `owner` (keeping its place if already queued) until the holder's remaining
+/// time plus the margin, or the end of its own wait if sooner: the score in `queue` is
+/// when it first queued (server ms), and `wants` holds `ttl_ms:until_ms`.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{MARK_WAITER}
-{NOW_US}
+        r"{NOW_US}
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
 local token = string.format('%.0f', math.max(last + 1, now_us))
 if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
+  if ARGV[4] ~= '0' then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[4], ARGV[1])
+  end
   return {{1, token}}
 end
+local mine = ARGV[1] .. ':'
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, #mine) == mine then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  return {{1, string.sub(value, #mine + 1)}}
+end
 local pttl = redis.call('PTTL', KEYS[1])
-mark_waiter(pttl)
+if ARGV[4] ~= '0' then
+  local ms = pttl
+  if ms < 0 then ms = 1000 end
+  ms = math.min(ms + tonumber(ARGV[5]), tonumber(ARGV[4]))
+  local now_ms = math.floor(now_us / 1000)
+  redis.call('ZADD', KEYS[3], 'NX', now_ms, ARGV[1])
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', now_ms + ms))
+  if redis.call('PTTL', KEYS[3]) < ms then
+    redis.call('PEXPIRE', KEYS[3], ms)
+    redis.call('PEXPIRE', KEYS[4], ms)
+  end
+end
 return {{0, pttl}}"
     ))
 });
@@ -186,6 +215,57 @@ return 0"
     ))
 });
 
+/// KEYS: lock, counter, queue, wants. ARGV: owner, token ('' for any), channel, name,
+/// counter ttl ms, leave ('1': first take `owner` out of the queue).
+///
+/// The release of one server: deletes the grant if it is ours and hands the lock to
+/// the longest-queued waiter whose entry is still live (entries past their time are
+/// dropped, at most 32 per release): its grant is made here, with a new token and the
+/// TTL it asked for, and `name NUL owner:token` is published so its process hears it.
+/// `{1, 'owner:token'}` when handed on, `{1, ''}` when freed, `{0, ''}` when not ours.
+/// An uncontended release publishes nothing.
+static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{OURS}
+if ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
+if not ours(redis.call('GET', KEYS[1]), ARGV[1], ARGV[2]) then
+  return {{0, ''}}
+end
+redis.call('DEL', KEYS[1])
+local now_us = nil
+for _ = 1, 32 do
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)
+  if #head == 0 then break end
+  local next_owner = head[1]
+  local wants = redis.call('HGET', KEYS[4], next_owner)
+  redis.call('ZREM', KEYS[3], next_owner)
+  redis.call('HDEL', KEYS[4], next_owner)
+  if wants then
+    if not now_us then
+      local clock = redis.call('TIME')
+      now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+    end
+    local sep = string.find(wants, ':', 1, true)
+    local ttl = tonumber(string.sub(wants, 1, (sep or 1) - 1))
+    local until_ms = tonumber(string.sub(wants, (sep or 0) + 1))
+    if ttl and until_ms and until_ms * 1000 > now_us then
+      local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+      local token = string.format('%.0f', math.max(last + 1, now_us))
+      redis.call('SET', KEYS[2], token, 'PX', math.max(tonumber(ARGV[5]), ttl))
+      local grant = next_owner .. ':' .. token
+      redis.call('SET', KEYS[1], grant, 'PX', ttl)
+      redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\0' .. grant)
+      return {{1, grant}}
+    end
+  end
+end
+return {{1, ''}}"
+    ))
+});
+
 /// KEYS: lock. `{value, pttl}` of the grant read atomically, or nil.
 static INSPECT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -215,7 +295,9 @@ return {{1, ARGV[1]}}"
 /// # Errors
 /// The first failure.
 pub async fn load_all(conn: &(impl ConnectionLike + Send + Clone)) -> RedisResult<()> {
-    let scripts = [&ACQUIRE, &CLAIM, &RAISE, &RENEW, &RELEASE, &INSPECT, &ADMIT];
+    let scripts = [
+        &ACQUIRE, &CLAIM, &RAISE, &RENEW, &RELEASE, &HAND_OFF, &INSPECT, &ADMIT,
+    ];
     let loads = scripts.map(|script| {
         let mut conn = conn.clone();
         async move { script.prepare_invoke().load_async(&mut conn).await }
@@ -266,6 +348,17 @@ impl KeySpace {
         format!("{}waiters:{name}", self.prefix)
     }
 
+    /// `{prefix}queue:{name}`: the owners waiting for `name` on one server, scored by
+    /// when they first queued.
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}queue:{name}", self.prefix)
+    }
+
+    /// `{prefix}wants:{name}`: each queued owner's TTL and the end of its entry.
+    pub fn wants(&self, name: &str) -> String {
+        format!("{}wants:{name}", self.prefix)
+    }
+
     /// `{prefix}released`: where releases publish the name they freed.
     pub fn channel(&self) -> String {
         format!("{}released", self.prefix)
@@ -294,10 +387,13 @@ pub struct Renewal<'a> {
     pub ttl: Duration,
 }
 
-/// Takes `name` for `owner` if free and mints its token (script `ACQUIRE`).
+/// Takes `name` for `owner` if free (or if a release handed it to `owner`) and mints
+/// its token (script `ACQUIRE`). With `queue_for`, a refused attempt queues `owner` for
+/// a hand-off by the next release, for at most that long.
 ///
 /// # Errors
-/// The command's failure; the grant may then have been made (undo it by owner).
+/// The command's failure; the grant may then have been made, and `owner` queued (undo
+/// both with [`release_handing_off`] and `leave_queue`).
 pub async fn acquire(
     conn: &mut (impl ConnectionLike + Send),
     keys: &KeySpace,
@@ -305,18 +401,91 @@ pub async fn acquire(
     owner: &OwnerId,
     ttl: Duration,
     token_ttl: Duration,
+    queue_for: Option<Duration>,
 ) -> RedisResult<Attempt> {
     let reply: (i64, String) = ACQUIRE
         .key(keys.lock(name))
         .key(keys.token(name))
-        .key(keys.waiters(name))
+        .key(keys.queue(name))
+        .key(keys.wants(name))
         .arg(owner.as_str())
         .arg(millis_ceil(ttl))
         .arg(millis_ceil(token_ttl.max(ttl)))
+        .arg(queue_for.map_or(0, millis_ceil))
         .arg(WAITER_MARGIN_MS)
         .invoke_async(conn)
         .await?;
     attempt(reply)
+}
+
+/// What a one-server release did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// The grant was not (or no longer) ours: nothing changed.
+    NotOurs,
+    /// Deleted; nobody was queued.
+    Freed,
+    /// Deleted and handed to this queued owner with this token.
+    HandedTo(OwnerId, FencingToken),
+}
+
+/// Releases `owner`'s grant of `name` (with `token`, or any token when `None`) on one
+/// server and hands the lock to the longest-queued live waiter (script `HAND_OFF`).
+/// With `leave_queue`, first takes `owner` out of the queue (for a waiter that stops
+/// waiting, or an acquire whose reply was lost).
+///
+/// # Errors
+/// The command's failure.
+pub async fn release_handing_off(
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &KeySpace,
+    name: &str,
+    owner: &OwnerId,
+    token: Option<FencingToken>,
+    token_ttl: Duration,
+    leave_queue: bool,
+) -> RedisResult<Released> {
+    let (ours, grant): (i64, String) = HAND_OFF
+        .key(keys.lock(name))
+        .key(keys.token(name))
+        .key(keys.queue(name))
+        .key(keys.wants(name))
+        .arg(owner.as_str())
+        .arg(token.map_or_else(String::new, |t| t.0.to_string()))
+        .arg(keys.channel())
+        .arg(name)
+        .arg(millis_ceil(token_ttl))
+        .arg(if leave_queue { "1" } else { "0" })
+        .invoke_async(conn)
+        .await?;
+    if ours != 1 {
+        return Ok(Released::NotOurs);
+    }
+    if grant.is_empty() {
+        return Ok(Released::Freed);
+    }
+    match parse_value(&grant) {
+        Some((to, Some(token))) => Ok(Released::HandedTo(to, token)),
+        _ => Err(unexpected(format!("`{grant}` is not a hand-off grant"))),
+    }
+}
+
+/// Splits a release message: the freed name, and the grant `(owner, token)` if the
+/// release handed the lock on (`name NUL owner:token`).
+pub fn parse_release_message(payload: &[u8]) -> Option<(&str, Option<(OwnerId, FencingToken)>)> {
+    let (name, grant) = match payload.iter().position(|&b| b == 0) {
+        Some(at) => (&payload[..at], Some(&payload[at + 1..])),
+        None => (payload, None),
+    };
+    let name = std::str::from_utf8(name).ok()?;
+    let grant = match grant {
+        None => None,
+        Some(grant) => match parse_value(std::str::from_utf8(grant).ok()?)? {
+            (owner, Some(token)) => Some((owner, token)),
+            (_, None) => return None,
+        },
+    };
+    Some((name, grant))
 }
 
 /// Redlock's first phase on one node: claims `name` for `owner` if free, counts, and
@@ -553,6 +722,10 @@ mod tests {
         assert_eq!(keys.lock("a"), "p:lock:a");
         assert_eq!(keys.token("a"), "p:token:a");
         assert_eq!(keys.waiters("a"), "p:waiters:a");
+        assert_eq!(keys.queue("a"), "p:queue:a");
+        assert_eq!(keys.wants("a"), "p:wants:a");
+        assert_ne!(keys.lock("queue:a"), keys.queue("a"));
+        assert_ne!(keys.lock("wants:a"), keys.wants("a"));
         assert_eq!(keys.channel(), "p:released");
         // A name that looks like another namespace stays in its own.
         assert_ne!(keys.lock("token:a"), keys.token("a"));
@@ -560,6 +733,18 @@ mod tests {
         assert!(
             keys.lock("x").starts_with("p:lock:") && keys.token("lock:x").starts_with("p:token:")
         );
+    }
+
+    #[test]
+    fn release_messages_name_the_lock_and_any_hand_off() {
+        assert_eq!(parse_release_message(b"jobs/a"), Some(("jobs/a", None)));
+        let (name, grant) = parse_release_message(b"jobs/a\0abcd:42").unwrap();
+        assert_eq!(name, "jobs/a");
+        let (owner, token) = grant.unwrap();
+        assert_eq!((owner.as_str(), token), ("abcd", FencingToken(42)));
+        // A grant without a token, or not UTF-8, is not a hand-off message.
+        assert_eq!(parse_release_message(b"jobs/a\0abcd:"), None);
+        assert_eq!(parse_release_message(b"jobs/\xff"), None);
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! Waking waiters on release: one pub/sub connection per backend receives every release
 //! published under its prefix (the channel `{prefix}released`, the name as payload)
-//! and wakes this process's waiters on that name.
+//! and wakes this process's waiters on that name. A release that handed the lock to a
+//! queued waiter publishes `name NUL owner:token` instead: the grant goes to that
+//! owner's [`Handoffs`] entry, and no one else is woken.
 //!
 //! Public for the Redlock driver (one listener per node); not part of the stable API.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use fencelock_core::{FencingToken, OwnerId};
 
 use futures_util::StreamExt;
 use redis::RedisResult;
@@ -17,6 +22,56 @@ const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
 pub use fencelock_core::wake::{Waiter, Wakers};
+
+/// Waiters of this process that are queued on the server for a hand-off, by owner: a
+/// release that hands one of them the lock delivers its token here.
+#[derive(Debug, Default)]
+pub struct Handoffs {
+    by_owner: Mutex<HashMap<OwnerId, tokio::sync::oneshot::Sender<FencingToken>>>,
+}
+
+impl Handoffs {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<OwnerId, tokio::sync::oneshot::Sender<FencingToken>>>
+    {
+        // Every update is one insert or remove: poisoning leaves nothing half-done.
+        self.by_owner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `owner` until the returned value is dropped; its receiver gets the
+    /// token of a grant handed to `owner`.
+    pub fn register(&self, owner: &OwnerId) -> Handoff<'_> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.lock().insert(owner.clone(), sender);
+        Handoff {
+            handoffs: self,
+            owner: owner.clone(),
+            receiver,
+        }
+    }
+
+    /// Delivers a grant handed to `owner`; whether a waiter of this process took it.
+    pub fn deliver(&self, owner: &OwnerId, token: FencingToken) -> bool {
+        let sender = self.lock().remove(owner);
+        sender.is_some_and(|sender| sender.send(token).is_ok())
+    }
+}
+
+/// A registration in [`Handoffs`]; removed on drop.
+#[derive(Debug)]
+pub struct Handoff<'a> {
+    handoffs: &'a Handoffs,
+    owner: OwnerId,
+    /// Receives the token of a grant handed to this owner.
+    pub receiver: tokio::sync::oneshot::Receiver<FencingToken>,
+}
+
+impl Drop for Handoff<'_> {
+    fn drop(&mut self) {
+        self.handoffs.lock().remove(&self.owner);
+    }
+}
 
 /// The background task that feeds one server's release messages to [`Wakers`]; it
 /// resubscribes (with backoff up to 1 s) when the connection drops, then wakes every
@@ -55,6 +110,29 @@ impl WakeListener {
         ))
     }
 
+    /// [`subscribe`](Self::subscribe), also delivering hand-off grants to `handoffs`.
+    ///
+    /// # Errors
+    /// As [`subscribe`](Self::subscribe).
+    pub async fn subscribe_with_handoffs(
+        client: redis::Client,
+        channel: String,
+        wakers: &Arc<Wakers>,
+        handoffs: &Arc<Handoffs>,
+        connect_timeout: Duration,
+    ) -> RedisResult<Self> {
+        let first = subscribe(&client, &channel, connect_timeout).await?;
+        let task = tokio::spawn(listen(
+            client,
+            channel,
+            Arc::downgrade(wakers),
+            Some(Arc::downgrade(handoffs)),
+            connect_timeout,
+            Some(first),
+        ));
+        Ok(Self { task })
+    }
+
     /// Listens in the background, subscribing first if `first` is `None` (for servers
     /// that may be down at the start).
     pub fn spawn(
@@ -68,6 +146,7 @@ impl WakeListener {
             client,
             channel,
             Arc::downgrade(wakers),
+            None,
             connect_timeout,
             first,
         ));
@@ -99,6 +178,7 @@ async fn listen(
     client: redis::Client,
     channel: String,
     wakers: Weak<Wakers>,
+    handoffs: Option<Weak<Handoffs>>,
     connect_timeout: Duration,
     mut stream: Option<PubSubStream>,
 ) {
@@ -111,8 +191,16 @@ async fn listen(
                 let Some(wakers) = wakers.upgrade() else {
                     return;
                 };
-                if let Ok(name) = std::str::from_utf8(message.get_payload_bytes()) {
-                    wakers.wake(name);
+                match crate::scripts::parse_release_message(message.get_payload_bytes()) {
+                    // Handed to one queued owner: only that waiter hears it (if it is
+                    // ours); everyone else keeps its place in the queue.
+                    Some((_, Some((owner, token)))) => {
+                        if let Some(handoffs) = handoffs.as_ref().and_then(Weak::upgrade) {
+                            handoffs.deliver(&owner, token);
+                        }
+                    }
+                    Some((name, None)) => wakers.wake(name),
+                    None => {}
                 }
             }
             tracing::debug!(channel, "fencelock pub/sub connection lost; resubscribing");

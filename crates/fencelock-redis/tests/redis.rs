@@ -696,10 +696,11 @@ async fn a_release_published_while_the_waiter_was_cut_off_still_reaches_it() {
     .await;
 }
 
-/// A release publishes only if someone waits: an uncontended cycle publishes nothing,
-/// and a release after another client's failed attempt publishes once.
+/// A release publishes only if it hands the lock to a queued waiter: an uncontended
+/// cycle publishes nothing, nor does a release after a refused attempt that did not
+/// wait; a release with a waiter queued publishes once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_a_release_someone_waits_for_publishes() {
+async fn only_a_release_that_hands_off_publishes() {
     bounded(async {
         let server = server().await;
         let mut admin = operator(&server.url()).await;
@@ -713,20 +714,220 @@ async fn only_a_release_someone_waits_for_publishes() {
             let lease = holder.acquire(take()).await.expect("free");
             holder.release(&lease).await.expect("release");
         }
-        assert_eq!(
-            publishes(command_calls(&mut admin).await),
-            before,
-            "uncontended releases published"
-        );
         let lease = holder.acquire(take()).await.expect("free");
         let err = other.acquire(take()).await.expect_err("held");
         assert!(matches!(err, Error::Contended { .. }), "{err:?}");
         holder.release(&lease).await.expect("release");
         assert_eq!(
             publishes(command_calls(&mut admin).await),
-            before + 1,
-            "the release someone waited for"
+            before,
+            "releases nobody was queued for published"
         );
+        let lease = holder.acquire(take()).await.expect("free");
+        let waiting = spawn_waiter(&other, &lock, Duration::from_secs(30));
+        wait_for_queue(&mut admin, &lock, 1).await;
+        holder.release(&lease).await.expect("release");
+        let handed = waiting.await.expect("waiter task").expect("handed over");
+        assert!(handed.token() > lease.token());
+        assert_eq!(
+            publishes(command_calls(&mut admin).await),
+            before + 1,
+            "the release that handed the lock on"
+        );
+        other.release(&handed).await.expect("release");
+    })
+    .await;
+}
+
+/// A waiting acquire on `lock` through `backend`, in a task of its own.
+fn spawn_waiter(
+    backend: &RedisBackend,
+    lock: &LockName,
+    wait: Duration,
+) -> tokio::task::JoinHandle<fencelock_core::Result<fencelock_core::Lease>> {
+    let (backend, lock) = (backend.clone(), lock.clone());
+    tokio::spawn(async move {
+        backend
+            .acquire(request(
+                &lock,
+                Duration::from_secs(60),
+                WaitPolicy::Until(wait),
+            ))
+            .await
+    })
+}
+
+/// The owners queued for `lock` (default prefix).
+async fn queued(admin: &mut MultiplexedConnection, lock: &LockName) -> i64 {
+    run(admin, &["ZCARD", &format!("fencelock:queue:{lock}")]).await
+}
+
+/// Waits (bounded: 2000 × 5 ms) until `count` owners are queued for `lock`.
+async fn wait_for_queue(admin: &mut MultiplexedConnection, lock: &LockName, count: i64) {
+    for _ in 0..2000 {
+        if queued(admin, lock).await == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{count} waiters never queued for {lock}");
+}
+
+/// A release hands the lock straight to the longest-queued waiter: the grant is made
+/// by the release's own script, so the waiter sends nothing between the release and
+/// its grant (the server runs exactly one script per hand-off), and waiters are served
+/// in the order they queued, with rising tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_lock_to_the_longest_queued_waiter() {
+    bounded(async {
+        let server = server().await;
+        let mut admin = operator(&server.url()).await;
+        let holder = RedisBackend::open(&server.url()).await.expect("connect");
+        let lock = name("hand-off-order");
+        let mut lease = holder
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("free");
+        let mut backends = Vec::new();
+        let mut waiting = Vec::new();
+        for n in 1..=3 {
+            let backend = RedisBackend::open(&server.url()).await.expect("connect");
+            waiting.push(spawn_waiter(&backend, &lock, Duration::from_secs(50)));
+            wait_for_queue(&mut admin, &lock, n).await;
+            backends.push(backend);
+        }
+        let mut releaser = holder.clone();
+        for (backend, waiter) in backends.iter().zip(waiting) {
+            let scripts = |calls: HashMap<String, u64>| calls.get("evalsha").copied().unwrap_or(0);
+            let before = scripts(command_calls(&mut admin).await);
+            releaser.release(&lease).await.expect("release");
+            let handed = waiter.await.expect("waiter task").expect("handed over");
+            assert_eq!(
+                scripts(command_calls(&mut admin).await),
+                before + 1,
+                "the hand-off cost more than the release's script"
+            );
+            assert!(handed.token() > lease.token(), "tokens must rise");
+            lease = handed;
+            releaser = backend.clone();
+        }
+        assert_eq!(queued(&mut admin, &lock).await, 0);
+        releaser.release(&lease).await.expect("release");
+        assert_eq!(holder.inspect(&lock).await.expect("inspect"), None);
+    })
+    .await;
+}
+
+/// A waiter that stops waiting leaves the queue, whether its wait timed out or its
+/// future was dropped, so the next release frees the lock instead of handing it to
+/// nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_stops_waiting_leaves_the_queue() {
+    bounded(async {
+        let server = server().await;
+        let mut admin = operator(&server.url()).await;
+        let holder = RedisBackend::open(&server.url()).await.expect("connect");
+        let other = RedisBackend::open(&server.url()).await.expect("connect");
+        let lock = name("leave-the-queue");
+        let lease = holder
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("free");
+        let timed_out = spawn_waiter(&other, &lock, Duration::from_millis(300));
+        let err = timed_out.await.expect("task").expect_err("still held");
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert_eq!(
+            queued(&mut admin, &lock).await,
+            0,
+            "a timed-out waiter stayed queued"
+        );
+        let wants: i64 = run(&mut admin, &["HLEN", &format!("fencelock:wants:{lock}")]).await;
+        assert_eq!(wants, 0);
+        let dropped = spawn_waiter(&other, &lock, Duration::from_secs(50));
+        wait_for_queue(&mut admin, &lock, 1).await;
+        dropped.abort();
+        wait_for_queue(&mut admin, &lock, 0).await;
+        holder.release(&lease).await.expect("release");
+        assert_eq!(holder.inspect(&lock).await.expect("inspect"), None);
+    })
+    .await;
+}
+
+/// A queue entry past its time is skipped by a release; a live entry whose waiter has
+/// gone (its process died while queued) is handed the lock, which then ends at that
+/// waiter's TTL like a dead holder's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_queue_entries_are_skipped_and_a_vanished_waiter_holds_only_its_ttl() {
+    bounded(async {
+        let server = server().await;
+        let mut admin = operator(&server.url()).await;
+        let holder = RedisBackend::open(&server.url()).await.expect("connect");
+        let lock = name("vanished-waiter");
+        let (queue, wants) = (
+            format!("fencelock:queue:{lock}"),
+            format!("fencelock:wants:{lock}"),
+        );
+        let (now_s, _): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut admin)
+            .await
+            .expect("TIME");
+        let now_ms = now_s * 1000;
+        // Queued first but past its time, then a live entry asking for a 2 s TTL.
+        let _: i64 = run(
+            &mut admin,
+            &[
+                "ZADD",
+                &queue,
+                &(now_ms - 2).to_string(),
+                "0123456789abcdef0123456789abcde0",
+            ],
+        )
+        .await;
+        let _: i64 = run(
+            &mut admin,
+            &[
+                "HSET",
+                &wants,
+                "0123456789abcdef0123456789abcde0",
+                &format!("60000:{}", now_ms - 1000),
+            ],
+        )
+        .await;
+        let _: i64 = run(
+            &mut admin,
+            &[
+                "ZADD",
+                &queue,
+                &(now_ms - 1).to_string(),
+                "0123456789abcdef0123456789abcde1",
+            ],
+        )
+        .await;
+        let _: i64 = run(
+            &mut admin,
+            &[
+                "HSET",
+                &wants,
+                "0123456789abcdef0123456789abcde1",
+                &format!("2000:{}", now_ms + 60_000),
+            ],
+        )
+        .await;
+        let lease = holder
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("free");
+        holder.release(&lease).await.expect("release");
+        let state = holder
+            .inspect(&lock)
+            .await
+            .expect("inspect")
+            .expect("handed on");
+        assert_eq!(state.holder.as_str(), "0123456789abcdef0123456789abcde1");
+        assert!(state.token > lease.token());
+        let remaining = state.remaining.expect("a TTL");
+        assert!(remaining <= Duration::from_secs(2), "{remaining:?}");
+        assert_eq!(queued(&mut admin, &lock).await, 0);
     })
     .await;
 }
