@@ -116,7 +116,6 @@ async fn tokens_keep_rising_after_a_restart_that_lost_every_key() {
         let holder = Locker::new(backend.clone());
         let guard = holder.lock("restart/held").ttl(ttl).await.expect("lock");
         server.restart(false).await.expect("restart without data");
-        let restarted = Instant::now();
         let err = timeout(ttl, guard.lost())
             .await
             .expect("the loss is noticed before the TTL ends");
@@ -130,14 +129,16 @@ async fn tokens_keep_rising_after_a_restart_that_lost_every_key() {
             ),
             "a renewal, not the expiry, must report it: {err:?}"
         );
-        // One renewal period (ttl/3), plus one retry after the dropped connection.
-        assert!(
-            restarted.elapsed() < ttl / 3 + ttl / 10 + Duration::from_millis(500),
-            "noticed only after {:?}",
-            restarted.elapsed()
-        );
-
+        // Within one renewal period: the restart wiped the server's command counts, and
+        // the one renewal script that reached it since (its one `GET` of the lock key)
+        // is the one that reported the loss.
         let mut conn = operator(&server.url()).await;
+        let calls = command_calls(&mut conn).await;
+        assert_eq!(
+            calls.get("get").copied(),
+            Some(1),
+            "renewals that reached the restarted server: {calls:?}"
+        );
         let keys: i64 = run(&mut conn, &["DBSIZE"]).await;
         assert_eq!(keys, 0, "the restart kept data; the test needs it wiped");
         let after = backend
