@@ -8,6 +8,8 @@
 //! size, for the next session acquire, which takes it before asking the pool: opening
 //! a server session per lock is most of a lock cycle's cost. Every other end of a
 //! lock (a failed probe or unlock, the TTL running out) closes the connection.
+//! A kept connection keeps its [`ServerSession`] with it, so the next lock on it
+//! needs no statement to learn which server session it is.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,7 +34,7 @@ pub(crate) trait SessionStatements: Send + Sync {
         &self,
         conn: &mut Self::Conn,
         key: &str,
-        session: i64,
+        session: ServerSession,
     ) -> impl Future<Output = bool> + Send;
 
     /// Clears the row of `owner` and `token` and frees the lock of `key`; whether the
@@ -46,13 +48,25 @@ pub(crate) trait SessionStatements: Send + Sync {
     ) -> impl Future<Output = bool> + Send;
 }
 
+/// The server session behind a connection, which names it to the server (to end it
+/// from another connection, or to check that a statement ran in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerSession {
+    /// Postgres `pg_backend_pid()`, MySQL `CONNECTION_ID()`.
+    pub(crate) id: i64,
+    /// When it started, in µs since the epoch, where the id alone may be reused
+    /// (Postgres `backend_start`); 0 where it is not needed or not known.
+    pub(crate) started: i64,
+}
+
 /// The session locks a backend holds, by owner id.
 #[derive(Debug)]
 pub(crate) struct SessionLocks<C> {
     store: &'static str,
     held: Mutex<HashMap<String, Arc<Held<C>>>>,
-    /// Connections released cleanly, out of the pool, for the next acquire.
-    idle: Mutex<Vec<C>>,
+    /// Connections released cleanly, out of the pool, for the next acquire, each with
+    /// its server session.
+    idle: Mutex<Vec<(C, ServerSession)>>,
     /// The most connections `idle` keeps.
     idle_max: usize,
 }
@@ -63,21 +77,29 @@ pub(crate) struct SessionLocks<C> {
 pub(crate) enum SessionConn<DB: Database> {
     /// Out of the pool; dropped, it goes back.
     Pooled(PoolConnection<DB>),
-    /// Off the idle list; it may have died while idle.
-    Reused(DB::Connection),
+    /// Off the idle list, with its server session; it may have died while idle.
+    Reused(DB::Connection, ServerSession),
 }
 
 impl<DB: Database> SessionConn<DB> {
     /// Whether it came off the idle list.
     pub(crate) fn is_reused(&self) -> bool {
-        matches!(self, Self::Reused(_))
+        matches!(self, Self::Reused(..))
+    }
+
+    /// Its server session, if known without a statement (kept with a reused one).
+    pub(crate) fn known_session(&self) -> Option<ServerSession> {
+        match self {
+            Self::Pooled(_) => None,
+            Self::Reused(_, session) => Some(*session),
+        }
     }
 
     /// The connection, no longer counted by the pool.
     pub(crate) fn detach(self) -> DB::Connection {
         match self {
             Self::Pooled(conn) => conn.detach(),
-            Self::Reused(conn) => conn,
+            Self::Reused(conn, _) => conn,
         }
     }
 }
@@ -88,7 +110,7 @@ impl<DB: Database> Deref for SessionConn<DB> {
     fn deref(&self) -> &DB::Connection {
         match self {
             Self::Pooled(conn) => conn,
-            Self::Reused(conn) => conn,
+            Self::Reused(conn, _) => conn,
         }
     }
 }
@@ -97,7 +119,7 @@ impl<DB: Database> DerefMut for SessionConn<DB> {
     fn deref_mut(&mut self) -> &mut DB::Connection {
         match self {
             Self::Pooled(conn) => conn,
-            Self::Reused(conn) => conn,
+            Self::Reused(conn, _) => conn,
         }
     }
 }
@@ -107,8 +129,8 @@ impl<DB: Database> DerefMut for SessionConn<DB> {
 struct Held<C> {
     key: String,
     token: u64,
-    /// The server session (Postgres `pg_backend_pid()`, MySQL `CONNECTION_ID()`).
-    session: i64,
+    /// The server session of `conn`.
+    session: ServerSession,
     conn: tokio::sync::Mutex<Option<C>>,
     ends_at: Mutex<Instant>,
     expiry: Mutex<Option<AbortHandle>>,
@@ -139,10 +161,18 @@ impl<C: Connection + 'static> SessionLocks<C> {
         }
     }
 
-    /// A connection kept from a clean release, if there is one (the most recently
-    /// kept: the least likely to have been closed by the server while idle).
-    pub(crate) fn reuse(&self) -> Option<C> {
-        locked(&self.idle).pop()
+    /// The connection for a session-mode attempt: one kept from a clean release if
+    /// there is one (the most recently kept: the least likely to have been closed by
+    /// the server while idle), else one from `pool`.
+    pub(crate) async fn connection<DB: Database<Connection = C>>(
+        &self,
+        pool: &sqlx::Pool<DB>,
+    ) -> Result<SessionConn<DB>, sqlx::Error> {
+        let kept = locked(&self.idle).pop();
+        match kept {
+            Some((conn, session)) => Ok(SessionConn::Reused(conn, session)),
+            None => Ok(SessionConn::Pooled(pool.acquire().await?)),
+        }
     }
 
     /// Ends an attempt that took nothing and changed no session state: a pool
@@ -150,17 +180,18 @@ impl<C: Connection + 'static> SessionLocks<C> {
     pub(crate) async fn put_back<DB: Database<Connection = C>>(&self, conn: SessionConn<DB>) {
         match conn {
             SessionConn::Pooled(conn) => drop(conn),
-            SessionConn::Reused(conn) => self.keep(conn).await,
+            SessionConn::Reused(conn, session) => self.keep(conn, session).await,
         }
     }
 
-    /// Keeps `conn`, whose server session holds nothing of ours and has no session
-    /// state left from a lock, for the next acquire; closes it if enough are kept.
-    pub(crate) async fn keep(&self, conn: C) {
+    /// Keeps `conn` (server session `session`), which holds nothing of ours and has
+    /// no session state left from a lock, for the next acquire; closes it if enough
+    /// are kept.
+    pub(crate) async fn keep(&self, conn: C, session: ServerSession) {
         let spare = {
             let mut idle = locked(&self.idle);
             if idle.len() < self.idle_max {
-                idle.push(conn);
+                idle.push((conn, session));
                 None
             } else {
                 Some(conn)
@@ -185,7 +216,7 @@ impl<C: Connection + 'static> SessionLocks<C> {
         owner: &str,
         key: &str,
         token: u64,
-        session: i64,
+        session: ServerSession,
         conn: C,
         ends_at: Instant,
     ) {
@@ -291,7 +322,7 @@ impl<C: Connection + 'static> SessionLocks<C> {
             None => false,
         };
         match conn.take() {
-            Some(conn) if unlocked => self.keep(conn).await,
+            Some(conn) if unlocked => self.keep(conn, held.session).await,
             conn => close(conn).await,
         }
         Some(if unlocked {

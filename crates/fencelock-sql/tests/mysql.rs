@@ -283,13 +283,13 @@ async fn open_session_never_polling(server: &MariaDb) -> MySqlBackend {
     MySqlBackend::connect(config).await.unwrap()
 }
 
-/// The server sessions running a `GET_LOCK` now: `(id, state, seconds in the
-/// statement)`.
+/// The server sessions running a session-mode lock statement (`GET_LOCK` and the
+/// token bump) now: `(id, state, seconds in the statement)`.
 async fn get_lock_waits(operator: &MySqlBackend) -> Vec<(i64, String, i64)> {
     sqlx::query_as(
         "SELECT CAST(ID AS SIGNED), COALESCE(STATE, ''), CAST(TIME AS SIGNED)
          FROM information_schema.PROCESSLIST
-         WHERE COMMAND IN ('Query', 'Execute') AND INFO LIKE 'SELECT GET_LOCK(%'",
+         WHERE COMMAND IN ('Query', 'Execute') AND INFO LIKE 'INSERT INTO%GET_LOCK(%'",
     )
     .fetch_all(operator.pool())
     .await
@@ -541,7 +541,10 @@ async fn session_mode_20_lock_cycles_open_no_new_connection() {
         let backend = MySqlBackend::open(&format!("{}?mode=session&pool_size=1", server.url()))
             .await
             .unwrap();
-        let operator = open(&server).await;
+        // The operator's reads too: its pool must not open a connection either.
+        let operator = MySqlBackend::open(&format!("{}?pool_size=1", server.url()))
+            .await
+            .unwrap();
         // One cycle first: it opens the connection the others reuse.
         let first = backend.acquire(request("reuse", HOUR)).await.unwrap();
         let holder = named_lock_holder(&operator, "reuse").await.unwrap();
@@ -629,6 +632,335 @@ async fn session_mode_keeps_at_most_pool_size_released_connections_and_closes_th
         for id in rounds[0].difference(&rounds[1]) {
             assert!(session_ends(&operator, *id).await, "{id}");
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_queued_waiters_are_granted_one_by_one_each_with_the_next_token() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("queue", HOUR)).await.unwrap();
+        // Each waiter notes its token while it holds the lock, so the notes are in
+        // grant order.
+        let granted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for _ in 0..4 {
+            let waiter = open_session_never_polling(&server).await;
+            let granted = std::sync::Arc::clone(&granted);
+            waiters.push(tokio::spawn(async move {
+                let req = request("queue", HOUR).with_wait(WaitPolicy::Until(MINUTE));
+                let lease = waiter.acquire(req).await.unwrap();
+                granted.lock().unwrap().push(lease.token());
+                waiter.release(&lease).await.unwrap();
+            }));
+        }
+        // All four wait in GET_LOCK before the release (bounded: 1,000 × 20 ms).
+        let mut queued = 0;
+        for _ in 0..1000 {
+            queued = get_lock_waits(&operator).await.len();
+            if queued == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(queued, 4);
+        holder.release(&held).await.unwrap();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        // Every grant's bump read the row its predecessor's release had just
+        // committed: the tokens are the holder's plus 1, 2, 3, 4, in grant order.
+        let granted = granted.lock().unwrap().clone();
+        let expected: Vec<_> = (1..=4)
+            .map(|n| fencelock_core::FencingToken(held.token().0 + n))
+            .collect();
+        assert_eq!(granted, expected);
+        assert_eq!(named_lock_holder(&operator, "queue").await, None);
+    })
+    .await;
+}
+
+/// Whether server session `id` waits for a row lock (InnoDB lists it as waiting).
+async fn waits_for_a_row(operator: &MySqlBackend, id: i64) -> bool {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.INNODB_TRX
+         WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
+    )
+    .bind(id)
+    .fetch_one(operator.pool())
+    .await
+    .unwrap();
+    count > 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_waiter_dropped_while_its_token_bump_waits_does_not_keep_the_lock() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("bump", HOUR)).await.unwrap();
+        let holder_id = named_lock_holder(&operator, "bump").await.unwrap();
+        // An operator's transaction keeps the counter row locked.
+        let mut row_lock = operator.pool().begin().await.unwrap();
+        sqlx::query(&format!(
+            "SELECT token FROM `{}` WHERE name = ? FOR UPDATE",
+            operator.table()
+        ))
+        .bind("bump".as_bytes())
+        .fetch_one(&mut *row_lock)
+        .await
+        .unwrap();
+        let waiting = tokio::spawn(async move {
+            let req = request("bump", HOUR).with_wait(WaitPolicy::Forever);
+            waiter.acquire(req).await
+        });
+        let (id, _) = get_lock_waiter(&operator).await;
+        // The holder's session ends without touching the row: the waiter gets the
+        // named lock, and its statement then waits for the row.
+        sqlx::query(&format!("KILL {holder_id}"))
+            .execute(operator.pool())
+            .await
+            .unwrap();
+        let mut blocked = false;
+        for _ in 0..1000 {
+            if named_lock_holder(&operator, "bump").await == Some(id)
+                && waits_for_a_row(&operator, id).await
+            {
+                blocked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            blocked,
+            "session {id} never held the lock and waited for the row"
+        );
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        // Its server session is ended before the drop returns, and with it the lock.
+        assert!(!session_exists(&operator, id).await);
+        assert_eq!(named_lock_holder(&operator, "bump").await, None);
+        row_lock.rollback().await.unwrap();
+        let other = open_session_never_polling(&server).await;
+        let next = other.acquire(request("bump", HOUR)).await.unwrap();
+        assert!(next.token() > held.token());
+        other.release(&next).await.unwrap();
+    })
+    .await;
+}
+
+/// The owner the lease table's row of `key` names.
+async fn row_owner(operator: &MySqlBackend, key: &str) -> Option<Vec<u8>> {
+    let statement = format!("SELECT owner FROM `{}` WHERE name = ?", operator.table());
+    sqlx::query_scalar(&statement)
+        .bind(key.as_bytes())
+        .fetch_one(operator.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_release_clears_the_owner_and_frees_the_lock_in_one_statement() {
+    use sqlx::Connection;
+    bounded(async {
+        let server = server().await;
+        // One pooled connection: the client never opens another one (whose setup
+        // `SET` would count); the lock's connection is kept between cycles.
+        let client = MySqlBackend::open(&format!("{}?mode=session&pool_size=1", server.url()))
+            .await
+            .unwrap();
+        let operator = open(&server).await;
+        let mut probe = operator.pool().acquire().await.unwrap().detach();
+        // Warm up: the kept connection's server session is known, its statements
+        // prepared.
+        for _ in 0..2 {
+            let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
+            client.release(&lease).await.unwrap();
+        }
+        // The probe's own cost: one question per read. Checked, not assumed.
+        let first = counters(&mut probe).await;
+        let second = counters(&mut probe).await;
+        assert_eq!((second.0 - first.0, second.1 - first.1), (1, 0));
+        for round in 0..4 {
+            let mut req = request("counted", MINUTE);
+            if round % 2 == 1 {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let before = counters(&mut probe).await;
+            let lease = client.acquire(req).await.unwrap();
+            let acquired = counters(&mut probe).await;
+            assert_eq!(
+                row_owner(&operator, "counted").await.as_deref(),
+                Some(lease.owner().as_str().as_bytes())
+            );
+            assert!(named_lock_holder(&operator, "counted").await.is_some());
+            let read = counters(&mut probe).await;
+            client.release(&lease).await.unwrap();
+            let released = counters(&mut probe).await;
+            // (The operator's reads in between may open connections of its own.)
+            assert_eq!(acquired.1 - before.1, 0, "no connection was opened");
+            assert_eq!(released.1 - read.1, 0, "no connection was opened");
+            assert_eq!(acquired.0 - before.0 - 1, 1, "statements to acquire");
+            assert_eq!(released.0 - read.0 - 1, 1, "statements to release");
+            // That one statement cleared the owner and freed the lock.
+            assert_eq!(row_owner(&operator, "counted").await, None);
+            assert_eq!(named_lock_holder(&operator, "counted").await, None);
+        }
+        probe.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_release_frees_the_lock_even_if_someone_cleared_the_row() {
+    bounded(async {
+        let server = server().await;
+        let client = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let lease = client.acquire(request("cleared", HOUR)).await.unwrap();
+        let holder = named_lock_holder(&operator, "cleared").await.unwrap();
+        // An operator clears the owner behind the holder's back: the release's
+        // one statement matches no row and so frees nothing itself.
+        let cleared = sqlx::query(&format!(
+            "UPDATE `{}` SET owner = NULL WHERE name = ?",
+            operator.table()
+        ))
+        .bind("cleared".as_bytes())
+        .execute(operator.pool())
+        .await
+        .unwrap();
+        assert_eq!(cleared.rows_affected(), 1);
+        // The lock is still ours, so the release frees it all the same.
+        client.release(&lease).await.unwrap();
+        assert_eq!(named_lock_holder(&operator, "cleared").await, None);
+        assert!(session_exists(&operator, holder).await, "freed, not killed");
+        let other = open_session_never_polling(&server).await;
+        let next = other.acquire(request("cleared", HOUR)).await.unwrap();
+        assert!(next.token() > lease.token());
+        other.release(&next).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_releasing_another_clients_lease_waits_for_a_release_in_progress_and_kills_nobody()
+ {
+    use sqlx::Connection;
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let other = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let lease = holder.acquire(request("elsewhere", HOUR)).await.unwrap();
+        let holder_id = named_lock_holder(&operator, "elsewhere").await.unwrap();
+        // A release in progress, as the holder's one statement leaves it between
+        // freeing the lock and committing: the row locked and cleared but not
+        // committed, the lock free.
+        let mut releasing = operator.pool().begin().await.unwrap();
+        sqlx::query(&format!(
+            "UPDATE `{}` SET owner = NULL WHERE name = ?",
+            operator.table()
+        ))
+        .bind("elsewhere".as_bytes())
+        .execute(&mut *releasing)
+        .await
+        .unwrap();
+        sqlx::query(&format!("KILL {holder_id}"))
+            .execute(operator.pool())
+            .await
+            .unwrap();
+        assert!(session_ends(&operator, holder_id).await);
+        // The next holder takes the lock meanwhile.
+        let mut next = operator.pool().acquire().await.unwrap().detach();
+        let next_id: i64 = sqlx::query_scalar("SELECT CAST(CONNECTION_ID() AS SIGNED)")
+            .fetch_one(&mut next)
+            .await
+            .unwrap();
+        let got: i64 = sqlx::query_scalar(&format!(
+            "SELECT GET_LOCK(CONCAT('fencelock:', LEFT(SHA2(CONCAT(DATABASE(), '/', '{}', '/', ?), \
+             256), 54)), 0)",
+            operator.table()
+        ))
+        .bind("elsewhere".as_bytes())
+        .fetch_one(&mut next)
+        .await
+        .unwrap();
+        assert_eq!(got, 1);
+        // Another client releases the old lease: its read of the row shows up
+        // (bounded: 1,000 × 20 ms) and must then wait for the row, not finish.
+        let releasing_elsewhere = tokio::spawn(async move { other.release(&lease).await });
+        let mut reading = false;
+        for _ in 0..1000 {
+            let running: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+                 WHERE COMMAND = 'Execute' AND INFO LIKE 'SELECT CAST(IS_USED_LOCK(%FOR UPDATE'",
+            )
+            .fetch_one(operator.pool())
+            .await
+            .unwrap();
+            if running > 0 || releasing_elsewhere.is_finished() {
+                reading = running > 0;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(reading, "the release elsewhere never read the row");
+        // Then the release in progress commits.
+        releasing.commit().await.unwrap();
+        common::assert_lost(releasing_elsewhere.await.unwrap());
+        // The next holder was not killed and still holds the lock.
+        assert!(session_exists(&operator, next_id).await);
+        assert_eq!(
+            named_lock_holder(&operator, "elsewhere").await,
+            Some(next_id)
+        );
+        next.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_lock_statement_that_fails_after_taking_the_lock_leaves_it_free() {
+    bounded(async {
+        let server = server().await;
+        let client = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let first = client.acquire(request("fails", HOUR)).await.unwrap();
+        client.release(&first).await.unwrap();
+        // From now on the token bump fails, after the lock was taken in the same
+        // statement.
+        let table = operator.table().to_owned();
+        sqlx::query(&format!(
+            "ALTER TABLE `{table}` ADD CONSTRAINT refuse_owners CHECK (owner IS NULL)"
+        ))
+        .execute(operator.pool())
+        .await
+        .unwrap();
+        for wait in [false, true] {
+            let mut req = request("fails", HOUR);
+            if wait {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let result = client.acquire(req).await;
+            assert!(matches!(result, Err(Error::Backend { .. })), "{result:?}");
+            // The failed statement's session was ended before the error came back,
+            // and with it the lock.
+            assert_eq!(named_lock_holder(&operator, "fails").await, None);
+        }
+        sqlx::query(&format!(
+            "ALTER TABLE `{table}` DROP CONSTRAINT refuse_owners"
+        ))
+        .execute(operator.pool())
+        .await
+        .unwrap();
+        let next = client.acquire(request("fails", HOUR)).await.unwrap();
+        assert!(next.token() > first.token());
+        client.release(&next).await.unwrap();
     })
     .await;
 }

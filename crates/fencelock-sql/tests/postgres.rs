@@ -619,3 +619,220 @@ async fn session_mode_keeps_at_most_pool_size_released_connections_and_closes_th
     })
     .await;
 }
+
+/// Whether server session `pid` holds (granted) the advisory lock of `key` and is
+/// blocked waiting for a row lock.
+async fn holds_and_waits_for_a_row(operator: &PostgresBackend, key: &str, pid: i32) -> bool {
+    let holds = advisory_entries(operator, key)
+        .await
+        .iter()
+        .any(|&(p, granted, _)| p == pid && granted);
+    let waits: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
+    )
+    .bind(pid)
+    .fetch_one(operator.pool())
+    .await
+    .unwrap();
+    holds && waits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_queued_waiters_are_granted_one_by_one_each_with_the_next_token() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("queue", HOUR)).await.unwrap();
+        // Each waiter notes its token while it holds the lock, so the notes are in
+        // grant order.
+        let granted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for _ in 0..4 {
+            let waiter = open_session_never_polling(&server).await;
+            let granted = std::sync::Arc::clone(&granted);
+            waiters.push(tokio::spawn(async move {
+                let req = request("queue", HOUR).with_wait(WaitPolicy::Until(MINUTE));
+                let lease = waiter.acquire(req).await.unwrap();
+                granted.lock().unwrap().push(lease.token());
+                waiter.release(&lease).await.unwrap();
+            }));
+        }
+        // All four queue in the server before the release (bounded: 1,000 × 20 ms).
+        let mut queued = 0;
+        for _ in 0..1000 {
+            queued = advisory_entries(&operator, "queue")
+                .await
+                .iter()
+                .filter(|(_, granted, _)| !granted)
+                .count();
+            if queued == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(queued, 4);
+        holder.release(&held).await.unwrap();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        // Every grant's bump read the row its predecessor's release had just
+        // committed: the tokens are the holder's plus 1, 2, 3, 4, in grant order.
+        let granted = granted.lock().unwrap().clone();
+        let expected: Vec<_> = (1..=4)
+            .map(|n| fencelock_core::FencingToken(held.token().0 + n))
+            .collect();
+        assert_eq!(granted, expected);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_waiter_dropped_while_its_token_bump_waits_does_not_keep_the_lock() {
+    bounded(async {
+        let server = server().await;
+        let holder = open_session_never_polling(&server).await;
+        let waiter = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let held = holder.acquire(request("bump", HOUR)).await.unwrap();
+        let (holder_pid, _) = advisory_holder(&operator, "bump").await;
+        // An operator's transaction keeps the counter row locked.
+        let mut row_lock = operator.pool().begin().await.unwrap();
+        sqlx::query(&format!(
+            r#"SELECT token FROM "{}" WHERE name = $1 FOR UPDATE"#,
+            operator.table()
+        ))
+        .bind("bump")
+        .fetch_one(&mut *row_lock)
+        .await
+        .unwrap();
+        let waiting = tokio::spawn(async move {
+            let req = request("bump", HOUR).with_wait(WaitPolicy::Forever);
+            waiter.acquire(req).await
+        });
+        let (pid, _) = waiting_session(&operator, "bump").await;
+        // The holder's session ends without touching the row: the waiter gets the
+        // advisory lock, and its statement then waits for the row.
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+            .bind(holder_pid)
+            .fetch_one(operator.pool())
+            .await
+            .unwrap();
+        assert!(ended);
+        let mut blocked = false;
+        for _ in 0..1000 {
+            if holds_and_waits_for_a_row(&operator, "bump", pid).await {
+                blocked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            blocked,
+            "session {pid} never held the lock and waited for the row"
+        );
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        // Its server session is ended before the drop returns, and with it the lock.
+        assert!(!session_exists(&operator, pid).await);
+        assert!(advisory_entries(&operator, "bump").await.is_empty());
+        row_lock.rollback().await.unwrap();
+        let other = open_session_never_polling(&server).await;
+        let next = other.acquire(request("bump", HOUR)).await.unwrap();
+        assert!(next.token() > held.token());
+        other.release(&next).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_acquire_and_release_on_a_kept_connection_are_exactly_two_statements() {
+    bounded(async {
+        let server = server().await;
+        let operator = open(&server).await;
+        for statement in [
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+            "CREATE ROLE locker LOGIN SUPERUSER",
+        ] {
+            sqlx::query(statement)
+                .execute(operator.pool())
+                .await
+                .unwrap();
+        }
+        let url = format!(
+            "{}?mode=session",
+            server.url().replace("postgres@", "locker@")
+        );
+        let client = PostgresBackend::open(&url).await.unwrap();
+        // Warm up: the connection is kept and its statements are prepared.
+        for wait in [false, true, false, true] {
+            let mut req = request("counted", MINUTE);
+            if wait {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let lease = client.acquire(req).await.unwrap();
+            client.release(&lease).await.unwrap();
+        }
+        let rounds = 6;
+        let before = statements_of_locker(&operator).await;
+        for round in 0..rounds {
+            // Both ways: trying, and waiting in the server's queue.
+            let mut req = request("counted", MINUTE);
+            if round % 2 == 1 {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let lease = client.acquire(req).await.unwrap();
+            client.release(&lease).await.unwrap();
+        }
+        let after = statements_of_locker(&operator).await;
+        assert_eq!(
+            after - before,
+            2 * rounds,
+            "statements for {rounds} acquire+release"
+        );
+        assert_eq!(statements_of_locker(&operator).await, after);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_lock_statement_that_fails_after_taking_the_lock_leaves_it_free() {
+    bounded(async {
+        let server = server().await;
+        let client = open_session_never_polling(&server).await;
+        let operator = open(&server).await;
+        let first = client.acquire(request("fails", HOUR)).await.unwrap();
+        client.release(&first).await.unwrap();
+        // From now on the token bump fails, after the lock was taken in the same
+        // statement.
+        let table = operator.table().to_owned();
+        sqlx::query(&format!(
+            r#"ALTER TABLE "{table}" ADD CONSTRAINT refuse_owners CHECK (owner IS NULL)"#
+        ))
+        .execute(operator.pool())
+        .await
+        .unwrap();
+        for wait in [false, true] {
+            let mut req = request("fails", HOUR);
+            if wait {
+                req = req.with_wait(WaitPolicy::Until(MINUTE));
+            }
+            let result = client.acquire(req).await;
+            assert!(matches!(result, Err(Error::Backend { .. })), "{result:?}");
+            // The failed statement's session was ended before the error came back,
+            // and with it the lock.
+            let entries = advisory_entries(&operator, "fails").await;
+            assert!(entries.is_empty(), "{entries:?}");
+        }
+        sqlx::query(&format!(
+            r#"ALTER TABLE "{table}" DROP CONSTRAINT refuse_owners"#
+        ))
+        .execute(operator.pool())
+        .await
+        .unwrap();
+        let next = client.acquire(request("fails", HOUR)).await.unwrap();
+        assert!(next.token() > first.token());
+        client.release(&next).await.unwrap();
+    })
+    .await;
+}

@@ -69,7 +69,8 @@ const LOCK_CONFLICT_RETRIES: u32 = 5;
 /// Each held lock is a named server lock, `GET_LOCK(name, seconds)` (the name is
 /// `fencelock:` + a SHA-256 prefix of database, table and key), on a connection taken
 /// out of the pool for as long as the lock is held; the fencing token is the same
-/// table's counter, bumped on that connection right after the lock is taken. The lock
+/// table's counter, bumped by the statement that takes the lock (`INSERT … SELECT …
+/// WHERE GET_LOCK(..) = 1 ON DUPLICATE KEY UPDATE`). The lock
 /// ends when its connection does (a crashed client, `KILL`), and the backend also
 /// closes the connection itself when the TTL passes without a renewal. Renewal probes
 /// that the lock is still held by the connection's own server session

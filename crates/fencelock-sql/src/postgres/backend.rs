@@ -60,7 +60,8 @@ use crate::{PostgresConfig, PostgresFenceGate};
 /// Each held lock is a session-level advisory lock,
 /// `pg_advisory_lock(hashtextextended(key, 0))`, on a connection taken out of the
 /// pool for as long as the lock is held; the fencing token is the same table's
-/// counter, bumped on that connection right after the lock is taken. The lock ends
+/// counter, bumped by the statement that takes the lock (one statement: the lock in a
+/// materialized CTE, then the counter upsert that reads from it). The lock ends
 /// when its connection does (the server frees the locks of a session that ends: a
 /// crashed client, `pg_terminate_backend`), and the backend also closes the
 /// connection itself when the TTL passes without a renewal, so the TTL contract holds
@@ -70,7 +71,7 @@ use crate::{PostgresConfig, PostgresFenceGate};
 /// statements run in varying server sessions) is refused with [`Error::Unsupported`]:
 /// at [`connect`](Self::connect), which compares `pg_backend_pid()` of two
 /// connections (one inside a transaction) and of one connection twice, and again at
-/// each acquire, whose lock and counter statements must report the same session.
+/// each acquire, whose lock statement must report the connection's known session.
 /// Waiters queue on the server: the waiting connection blocks in `pg_advisory_lock`
 /// with the wait's deadline as its `lock_timeout`. A waiter that is dropped has its
 /// connection closed and its server session terminated with

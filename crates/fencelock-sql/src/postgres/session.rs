@@ -2,22 +2,35 @@
 //! (`pg_advisory_lock(hashtextextended(key, 0))`) on a connection taken out of the
 //! pool for as long as it is held.
 //!
-//! The fencing counter is the lease table's row for the name, bumped while holding.
-//! Waiters queue on the server: the waiting connection runs `pg_advisory_lock`, which
-//! the server grants when the lock is free, with the wait's deadline as the session's
-//! `lock_timeout`. A waiter dropped while its statement runs must not leave its server
-//! session in the queue (it would take the lock after the next release with nobody to
-//! use it): its connection is closed and its server session terminated by pid (checked
-//! against `backend_start`, so a reused pid is never hit), which frees whatever it took.
+//! The fencing counter is the lease table's row for the name, bumped while holding,
+//! in the same statement that takes the lock: the INSERT of the bump reads its row
+//! from the CTE that takes the lock, so it runs only once the lock is ours, and its
+//! `ON CONFLICT DO UPDATE` updates the newest committed row (after waiting for a
+//! release that has not committed yet), not the statement's older snapshot. So a
+//! waiter is granted and has its token when that one statement returns: nothing runs
+//! between the server's grant and the caller's.
 //!
-//! A lock released cleanly leaves its connection on the backend's idle list for the
-//! next session acquire (see [`crate::session_table`]); a reused connection that has
-//! died meanwhile is closed and the attempt starts over on a fresh pool connection.
+//! Waiters queue on the server: the waiting statement sets the wait's deadline as the
+//! session's `lock_timeout` just before `pg_advisory_lock` and lifts it just after (a
+//! timed-out wait rolls the setting back with the statement). A waiter dropped while
+//! its statement runs must not leave its server session in the queue (it would take
+//! the lock after the next release with nobody to use it), nor keep a lock its bump
+//! had not reported yet: its connection is closed and its server session terminated
+//! by pid (checked against `backend_start`, so a reused pid is never hit), which frees
+//! whatever it took.
+//!
+//! A lock released cleanly leaves its connection, with its pid and `backend_start`,
+//! on the backend's idle list for the next session acquire (see
+//! [`crate::session_table`]); a reused connection that has died meanwhile is closed
+//! and the attempt starts over on a fresh pool connection. Statements per lock: the
+//! acquire is one on a kept connection (two on a fresh one, which first reads its pid
+//! and `backend_start`), the release one.
 //!
 //! A held lock ends when its connection does (the server frees session locks of a
 //! session that ends), and also when its TTL passes without a renewal: the backend
 //! then closes the connection itself, so the TTL contract holds for clients that are
-//! alive but stopped renewing.
+//! alive but stopped renewing. The server never expires the lock by itself, so the
+//! TTL (and the lease's validity) runs from when the lock statement returned.
 
 use std::sync::Arc;
 
@@ -32,15 +45,14 @@ use tokio::time::Instant;
 use super::STORE;
 use crate::in_flight::end_dropped_wait;
 use crate::server_locks::{SessionError, SessionMode};
-use crate::session_table::{SessionConn, SessionStatements};
+use crate::session_table::{ServerSession, SessionConn, SessionStatements};
 
 /// The statements of session mode on one lease table.
 #[derive(Debug)]
 pub(crate) struct SessionQueries {
+    session: String,
     try_lock: String,
-    prepare_wait: String,
     lock: String,
-    bump: String,
     probe: String,
     release: String,
     release_elsewhere: String,
@@ -49,61 +61,82 @@ pub(crate) struct SessionQueries {
 
 impl SessionQueries {
     pub(crate) fn new(table: &str) -> Self {
-        Self {
-            // $1 key. Whether we got the lock, and which server session we are on.
-            try_lock: "SELECT pg_try_advisory_lock(hashtextextended($1, 0)), pg_backend_pid()"
-                .to_owned(),
-            // $1 lock_timeout (e.g. `250ms`, `0` for none). The server session and when
-            // it started (µs since the epoch; 0 if unknown), which name it for
-            // `TERMINATE`.
-            prepare_wait: "SELECT pg_backend_pid(), COALESCE((SELECT (extract(epoch FROM \
-                           backend_start) * 1000000)::bigint FROM pg_stat_activity \
-                           WHERE pid = pg_backend_pid()), 0), \
-                           set_config('lock_timeout', $1, false)"
-                .to_owned(),
-            // $1 key. Waits in the server's queue for the lock, up to `lock_timeout`,
-            // then lifts `lock_timeout` (the targets run in order): the bump below may
-            // wait a moment for the counter row, which a release keeps locked until it
-            // commits, just after it freed the advisory lock; that must not fail on
-            // the acquire's deadline once the lock is ours.
-            lock: "SELECT pg_advisory_lock(hashtextextended($1, 0)), \
-                   set_config('lock_timeout', '0', false)"
-                .to_owned(),
-            // $1 key, $2 owner. The next token (a new row seeds it from the clock in
-            // µs), and the server session, which must be the one that took the lock.
-            // `expires_at = 0`: lease-mode clients see the row as free, so one table
-            // must not be shared between the two modes.
-            bump: format!(
-                r#"WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us)
+        // $1 key, $2 owner, after `locked` (a CTE that takes the lock of $1, or a row
+        // per lock taken). The INSERT reads its one row from `locked`, so it runs only
+        // once the lock is ours. Its snapshot is older (from before a wait), but
+        // `ON CONFLICT DO UPDATE` waits for and updates the newest committed row,
+        // whatever the snapshot: the next token (a new row seeds it from the clock in
+        // µs), and the server session, which must be the one we know the connection
+        // by. `expires_at = 0`: lease-mode clients see the row as free, so one table
+        // must not be shared between the two modes.
+        let bump = format!(
+            r#"now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us FROM locked)
 INSERT INTO "{table}" AS held (name, owner, token, expires_at)
 SELECT $1, $2, now.us, 0 FROM now
 ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = held.token + 1, expires_at = 0
 RETURNING token, pg_backend_pid()"#
+        );
+        Self {
+            // The server session and when it started (µs since the epoch; 0 if
+            // unknown), which name it for `TERMINATE`.
+            session: "SELECT pg_backend_pid(), COALESCE((SELECT (extract(epoch FROM \
+                      backend_start) * 1000000)::bigint FROM pg_stat_activity \
+                      WHERE pid = pg_backend_pid()), 0)"
+                .to_owned(),
+            // $1 key, $2 owner. Takes the lock if it is free and bumps the counter;
+            // no row if the lock is held.
+            try_lock: format!(
+                "WITH locked AS MATERIALIZED (
+    SELECT 1 FROM (SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS got) AS try
+    WHERE try.got
+), {bump}"
+            ),
+            // $1 key, $2 owner, $3 lock_timeout (e.g. `250ms`, `0` for none). Waits
+            // in the server's queue for the lock, up to `lock_timeout`, then lifts it
+            // (the targets run in order) and bumps the counter: the bump may wait a
+            // moment for the counter row, which a release keeps locked until it
+            // commits, and that must not fail on the acquire's deadline once the
+            // lock is ours. A `lock_timeout` error rolls `set_config` back, so the
+            // setting never outlives the statement.
+            lock: format!(
+                "WITH locked AS MATERIALIZED (
+    SELECT set_config('lock_timeout', $3, false), pg_advisory_lock(hashtextextended($1, 0)),
+           set_config('lock_timeout', '0', false)
+), {bump}"
             ),
             probe: "SELECT pg_backend_pid()".to_owned(),
-            // $1 key, $2 owner, $3 token. Clears the owner, unlocks and notifies the
-            // waiters (delivered when the statement commits).
+            // $1 key, $2 owner, $3 token. Clears the owner, then (reading `freed`
+            // runs the UPDATE first) unlocks. The cleared row stays locked until the
+            // statement commits, so whoever takes the lock next cannot see the row
+            // name us after the unlock without first waiting for the commit. No
+            // `NOTIFY`: session-mode waiters wait in the server's queue, and a
+            // notification would only wake every listener during the hand-off.
             release: format!(
                 r#"WITH freed AS (
     UPDATE "{table}" SET owner = NULL WHERE name = $1 AND owner = $2 AND token = $3
     RETURNING name
 )
-SELECT pg_advisory_unlock(hashtextextended($1, 0)), pg_notify('{table}', $1)::text"#
+SELECT pg_advisory_unlock(hashtextextended($1, 0)) FROM (SELECT count(*) FROM freed) AS done"#
             ),
             // $1 key, $2 owner, $3 token. Releases a grant held by another client: ends
             // the server session that holds the lock, if the row says it is this grant.
+            // The row is read locked (waiting for a release in progress to commit, and
+            // then re-checked): a holder releases by clearing the row before it
+            // unlocks, so the row cannot name this grant while another session holds
+            // the lock after a clean release.
             release_elsewhere: format!(
                 r#"WITH target AS (
     SELECT l.pid FROM "{table}" AS held JOIN pg_locks AS l
       ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
      AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(held.name, 0)
     WHERE held.name = $1 AND held.owner = $2 AND held.token = $3
+    FOR UPDATE OF held
 ), freed AS (
     UPDATE "{table}" SET owner = NULL
     WHERE name = $1 AND owner = $2 AND token = $3 AND EXISTS (SELECT 1 FROM target)
     RETURNING name
 )
-SELECT pg_terminate_backend(pid), pg_notify('{table}', $1)::text FROM target"#
+SELECT pg_terminate_backend(pid) FROM target"#
             ),
             // $1 key. The recorded holder, if some session holds the advisory lock now.
             holder: format!(
@@ -124,11 +157,11 @@ pub(crate) type SessionLocks = crate::session_table::SessionLocks<PgConnection>;
 impl SessionStatements for SessionQueries {
     type Conn = PgConnection;
 
-    async fn probe(&self, conn: &mut PgConnection, _key: &str, session: i64) -> bool {
+    async fn probe(&self, conn: &mut PgConnection, _key: &str, session: ServerSession) -> bool {
         let pid = sqlx::query_scalar::<_, i32>(&self.probe)
             .fetch_one(conn)
             .await;
-        pid.is_ok_and(|pid| i64::from(pid) == session)
+        pid.is_ok_and(|pid| i64::from(pid) == session.id)
     }
 
     async fn unlock(&self, conn: &mut PgConnection, key: &str, owner: &str, token: u64) -> bool {
@@ -152,41 +185,90 @@ const TERMINATE: &str = "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_act
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// A lock attempt whose outcome its caller has not seen yet. Dropped unsettled (the
-/// acquire was cancelled, or a statement after the lock failed), it closes the
-/// connection and terminates its server session, which frees whatever it took and
-/// takes it out of the server's queue.
+/// acquire was cancelled, or the lock statement failed), it closes the connection and
+/// terminates its server session, which frees whatever it took and takes it out of
+/// the server's queue.
 struct InFlight {
     conn: Option<SessionConn<Postgres>>,
     pool: PgPool,
-    /// `(pid, backend_start µs)` of the connection's server session, once known.
-    session: Option<(i32, i64)>,
+    /// The connection's server session, once known (always before the lock
+    /// statement runs).
+    session: Option<ServerSession>,
 }
 
 impl InFlight {
+    /// An attempt on `conn`, whose server session is known if it was kept.
+    fn new(conn: SessionConn<Postgres>, pool: &PgPool) -> Self {
+        Self {
+            session: conn.known_session(),
+            conn: Some(conn),
+            pool: pool.clone(),
+        }
+    }
+
     fn conn(&mut self) -> &mut PgConnection {
         self.conn.as_deref_mut().expect("taken only when settled")
     }
 
-    /// The row of the attempt's first statement, which takes nothing if it fails. A
-    /// reused connection that fails it has died while idle, or is unusable: it is
-    /// closed and the statement runs again on a fresh connection from the pool.
-    async fn first_row<'q>(
+    /// Learns the connection's server session, if it is not known yet (a connection
+    /// fresh from the pool): one statement.
+    async fn identify(&mut self, queries: &SessionQueries) -> Result<ServerSession, sqlx::Error> {
+        if let Some(session) = self.session {
+            return Ok(session);
+        }
+        let row = sqlx::query(&queries.session).fetch_one(self.conn()).await?;
+        let (pid, started): (i32, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let session = ServerSession {
+            id: i64::from(pid),
+            started,
+        };
+        self.session = Some(session);
+        Ok(session)
+    }
+
+    /// Runs the lock statement, once the connection's server session is known. A
+    /// kept connection found dead (it died while idle) is closed and the statement
+    /// runs again on a fresh connection from the pool. Any other failure is the
+    /// caller's: the statement may have taken the lock before it failed, and only
+    /// dropping the attempt ends the session for sure.
+    async fn lock<'q>(
         &mut self,
+        queries: &SessionQueries,
         statement: impl Fn() -> Query<'q, Postgres, PgArguments> + Send + Sync,
-    ) -> Result<PgRow, sqlx::Error> {
+    ) -> Result<Option<PgRow>, sqlx::Error> {
+        self.identify(queries).await?;
         let reused = self.conn.as_ref().is_some_and(SessionConn::is_reused);
-        match statement().fetch_one(self.conn()).await {
-            Err(err) if reused => {
+        match statement().fetch_optional(self.conn()).await {
+            Err(err) if reused && connection_lost(&err) => {
                 tracing::debug!(store = STORE, %err, "an idle session connection failed");
                 if let Some(conn) = self.conn.take() {
                     let _ = conn.detach().close().await;
                 }
+                self.session = None;
                 self.conn = Some(SessionConn::Pooled(self.pool.acquire().await?));
-                statement().fetch_one(self.conn()).await
+                self.identify(queries).await?;
+                statement().fetch_optional(self.conn()).await
             }
             row => row,
         }
     }
+}
+
+/// Whether `err` says the connection is gone: it failed, or the server ended its
+/// session (SQLSTATE class 57, operator intervention, or 08, connection exception).
+fn connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("57") || code.starts_with("08")),
+        _ => false,
+    }
+}
+
+/// Whether `err` is `lock_timeout` running out while waiting for a lock.
+fn is_lock_timeout(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE))
 }
 
 impl Drop for InFlight {
@@ -199,14 +281,17 @@ impl Drop for InFlight {
         drop(conn.detach());
         // A session blocked in `pg_advisory_lock` reads nothing until it is granted:
         // end it from another connection, and wait until it has ended.
-        let Some((pid, started)) = self.session else {
+        let Some(session) = self.session else {
+            return;
+        };
+        let Ok(pid) = i32::try_from(session.id) else {
             return;
         };
         let pool = self.pool.clone();
         end_dropped_wait(STORE, async move {
             sqlx::query(TERMINATE)
                 .bind(pid)
-                .bind(started)
+                .bind(session.started)
                 .execute(&pool)
                 .await
                 .map(drop)
@@ -282,71 +367,53 @@ impl SessionMode for SessionQueries {
         key: &str,
         deadline: &WaitDeadline,
     ) -> Result<Option<Lease>, SessionError> {
-        let conn = match locks.reuse() {
-            Some(conn) => SessionConn::Reused(conn),
-            None => SessionConn::Pooled(pool.acquire().await?),
-        };
-        let mut in_flight = InFlight {
-            conn: Some(conn),
-            pool: pool.clone(),
-            session: None,
-        };
+        let conn = locks.connection(pool).await?;
+        let mut in_flight = InFlight::new(conn, pool);
         let timeout = if deadline.may_wait() {
             lock_timeout(deadline)
         } else {
             None
         };
-        let pid = match timeout {
+        let owner = req.owner.as_str();
+        let locked = match &timeout {
             None => {
-                let row = in_flight
-                    .first_row(|| sqlx::query(&self.try_lock).bind(key))
-                    .await?;
-                let (got, pid): (bool, i32) = (row.try_get(0)?, row.try_get(1)?);
-                if !got {
-                    // Nothing taken: the connection goes back where it came from.
-                    if let Some(conn) = in_flight.conn.take() {
-                        locks.put_back(conn).await;
-                    }
-                    return Ok(None);
-                }
-                pid
+                let statement = || sqlx::query(&self.try_lock).bind(key).bind(owner);
+                in_flight.lock(self, statement).await
             }
             Some(timeout) => {
-                let row = in_flight
-                    .first_row(|| sqlx::query(&self.prepare_wait).bind(timeout.clone()))
-                    .await?;
-                let (pid, started): (i32, i64) = (row.try_get(0)?, row.try_get(1)?);
-                in_flight.session = Some((pid, started));
-                let waited = sqlx::query(&self.lock)
-                    .bind(key)
-                    .execute(in_flight.conn())
-                    .await;
-                match waited {
-                    Ok(_) => pid,
-                    Err(sqlx::Error::Database(db))
-                        if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
-                    {
-                        // Not taken. The connection keeps its `lock_timeout`, so it
-                        // is not kept for reuse.
-                        if let Some(conn) = in_flight.conn.take() {
-                            let _ = conn.detach().close().await;
-                        }
-                        return Ok(None);
-                    }
-                    Err(err) => return Err(err.into()),
-                }
+                let statement = || {
+                    let query = sqlx::query(&self.lock).bind(key).bind(owner);
+                    query.bind(timeout.as_str())
+                };
+                in_flight.lock(self, statement).await
             }
         };
-        // Measured from the bump, not from the start of the wait: the lock was
-        // granted before it, and the TTL runs from here.
-        let sent = Instant::now();
-        let row = sqlx::query(&self.bump)
-            .bind(key)
-            .bind(req.owner.as_str())
-            .fetch_one(in_flight.conn())
-            .await?;
-        let (token, bumped_on): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
-        if bumped_on != pid {
+        // The server holds the lock until we end the session, which the TTL below
+        // does: its time runs from here, after any wait.
+        let returned = Instant::now();
+        let row = match locked {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                // Not taken (`pg_try_advisory_lock`): nothing changed, the connection
+                // goes back where it came from.
+                if let Some(conn) = in_flight.conn.take() {
+                    locks.put_back(conn).await;
+                }
+                return Ok(None);
+            }
+            Err(err) if is_lock_timeout(&err) => {
+                // Not taken, and the error rolled `lock_timeout` back: the connection
+                // is as it was.
+                if let Some(conn) = in_flight.conn.take() {
+                    locks.put_back(conn).await;
+                }
+                return Ok(None);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let (token, locked_on): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
+        let session = in_flight.session.expect("known before the lock statement");
+        if i64::from(locked_on) != session.id {
             // Dropping `in_flight` ends the session that holds the lock.
             return Err(SessionError::PoolingProxy);
         }
@@ -357,15 +424,15 @@ impl SessionMode for SessionQueries {
             req.owner.as_str(),
             key,
             token,
-            i64::from(pid),
+            session,
             conn,
-            sent + req.ttl,
+            returned + req.ttl,
         );
         Ok(Some(Lease::new(
             req.name.clone(),
             req.owner.clone(),
             FencingToken(token),
-            valid_until(sent, req.ttl),
+            valid_until(returned, req.ttl),
         )))
     }
 
@@ -406,5 +473,112 @@ impl SessionMode for SessionQueries {
             token: FencingToken(u64::try_from(token).unwrap_or(0)),
             remaining: None,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fencelock_conformance::harness::{Postgres, Server};
+    use sqlx::postgres::PgQueryResult;
+
+    use super::*;
+    use crate::postgres::PostgresBackend;
+
+    /// How many times this connection's server session holds the advisory lock of
+    /// `key`: unlocks it until it is not held (at most 100 times).
+    async fn holds(conn: &mut PgConnection, key: &str) -> u32 {
+        let mut count = 0;
+        while count < 100 {
+            let freed: bool =
+                sqlx::query_scalar("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+                    .bind(key)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap();
+            if !freed {
+                break;
+            }
+            count += 1;
+        }
+        count
+    }
+
+    /// The token and pid of a lock statement's row, if it took the lock.
+    async fn token(row: Option<PgRow>) -> Option<(i64, i32)> {
+        row.map(|row| (row.get(0), row.get(1)))
+    }
+
+    /// Both lock statements take the advisory lock exactly once (a CTE run twice, or
+    /// a bump without its lock, would show), bump the counter by one, and report the
+    /// session; the waiting one leaves no `lock_timeout` behind, also when it times
+    /// out. Counted on reentrant holds, which advisory locks stack.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lock_statements_take_the_lock_once_and_bump_the_counter_once() {
+        let server = Postgres::start().await.expect("start postgres");
+        let backend = PostgresBackend::open(&server.url()).await.unwrap();
+        backend.migrate().await.unwrap();
+        let queries = SessionQueries::new(backend.table());
+        let mut conn = backend.pool().acquire().await.unwrap().detach();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let tried = sqlx::query(&queries.try_lock)
+            .bind("k")
+            .bind("a")
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap();
+        let (first, on) = token(tried).await.unwrap();
+        assert_eq!(on, pid);
+        assert_eq!(holds(&mut conn, "k").await, 1);
+        let waited = sqlx::query(&queries.lock)
+            .bind("k")
+            .bind("a")
+            .bind("1000ms")
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(token(waited).await, Some((first + 1, pid)));
+        assert_eq!(holds(&mut conn, "k").await, 1);
+        let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(timeout, "0");
+        // Held by another session: the try takes nothing, the wait times out.
+        let mut other = backend.pool().acquire().await.unwrap().detach();
+        let _: PgQueryResult = sqlx::query("SELECT pg_advisory_lock(hashtextextended('k', 0))")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let tried = sqlx::query(&queries.try_lock)
+            .bind("k")
+            .bind("a")
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap();
+        assert!(tried.is_none());
+        let waited = sqlx::query(&queries.lock)
+            .bind("k")
+            .bind("a")
+            .bind("50ms")
+            .fetch_optional(&mut conn)
+            .await;
+        assert!(waited.as_ref().is_err_and(is_lock_timeout), "{waited:?}");
+        let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(timeout, "0");
+        assert_eq!(holds(&mut conn, "k").await, 0);
+        let row: i64 = sqlx::query_scalar(&format!(
+            r#"SELECT token FROM "{}" WHERE name = 'k'"#,
+            backend.table()
+        ))
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+        assert_eq!(row, first + 1, "bumped once per grant, never without one");
     }
 }
