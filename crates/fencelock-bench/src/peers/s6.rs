@@ -54,8 +54,9 @@ pub(crate) async fn run(servers: &[RedisServer], plan: &Plan, report: &mut Repor
     Ok(())
 }
 
-/// Claim on every node, one after the other; token = max(floors) + 1; raise on every
-/// node, one after the other; release on every node, one after the other.
+/// Claim on every node, one after the other; the token is the highest count; raise on
+/// every node, one after the other, only when fewer than a majority returned it (as the
+/// library does); release on every node, one after the other.
 fn sequential(nodes: usize, conns: Vec<ConnectionManager>, name: &str) -> Variant {
     let name = name.to_owned();
     let keys = KeySpace::new(PREFIX);
@@ -66,17 +67,20 @@ fn sequential(nodes: usize, conns: Vec<ConnectionManager>, name: &str) -> Varian
             let (mut conns, keys, name) = (conns.clone(), keys.clone(), name.clone());
             async move {
                 let owner = OwnerId::random();
-                let mut highest = 0;
+                let mut counts = Vec::with_capacity(conns.len());
                 for conn in &mut conns {
                     match scripts::claim(conn, &keys, &name, &owner, TTL).await? {
-                        Attempt::Granted(floor) => highest = highest.max(floor.0),
+                        Attempt::Granted(count) => counts.push(count.0),
                         Attempt::Held(_) => {
                             return Err(format!("S6: {name} was already held").into());
                         }
                     }
                 }
-                let token = FencingToken(highest.saturating_add(1));
-                for conn in &mut conns {
+                let highest = counts.iter().copied().max().unwrap_or(0);
+                let agreeing = counts.iter().filter(|&&count| count == highest).count();
+                let token = FencingToken(highest);
+                let raise_needed = agreeing < conns.len() / 2 + 1;
+                for conn in conns.iter_mut().filter(|_| raise_needed) {
                     let ttl = RedisConfig::DEFAULT_TOKEN_TTL;
                     if !scripts::raise(conn, &keys, &name, &owner, token, ttl).await? {
                         return Err(format!("S6: our claim of {name} was gone at raise").into());
