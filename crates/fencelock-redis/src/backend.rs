@@ -51,8 +51,8 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 /// - **release**: `DEL` the key if it still holds exactly `{owner}:{token}`, then hand
 ///   the lock to the longest-queued waiter whose entry is live: grant it in the same
 ///   script (new token, the TTL it asked for) and
-///   `PUBLISH {prefix}released "{name}\0{owner}:{token}"`. An uncontended release
-///   publishes nothing.
+///   `PUBLISH {prefix}handoff:{id} "{name}\0{owner}:{token}"` on the channel of the
+///   waiter's backend. An uncontended release publishes nothing.
 ///
 /// Validity is computed on this side from the instant the request was sent
 /// ([`valid_until`]); the TTL runs on the server from when it ran the script, which is
@@ -75,9 +75,11 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 /// `{prefix}wants:{name}` with its TTL and how long the entry lasts: the holder's
 /// remaining time plus 2 s, or the end of the wait if sooner). A release grants the
 /// lock to the longest-queued live waiter inside its own script and publishes the
-/// grant; each backend keeps one pub/sub connection on `{prefix}released`, and the
-/// waiter's process hands it the token: the hand-off costs the release's round trip
-/// and the message, and the waiter sends nothing. Its validity counts from the send of
+/// grant on that waiter's backend's channel: each backend keeps one pub/sub connection
+/// on a channel of its own, `{prefix}handoff:{random id}`, named in its waiters' queue
+/// entries, so a hand-off reaches only the process that waits for it, which hands the
+/// waiter its token. The hand-off costs the release's round trip and the message, and
+/// the waiter sends nothing. Its validity counts from the send of
 /// its last refused attempt (the grant came after that attempt ran); if less than half
 /// the TTL is left when the message arrives, the waiter confirms with one more attempt,
 /// which restarts the TTL. Other waiters keep their places and are not woken.
@@ -115,6 +117,8 @@ struct Inner {
     address: String,
     wakers: Arc<Wakers>,
     handoffs: Arc<Handoffs>,
+    /// This backend's hand-off channel, which its queued waiters name.
+    channel: String,
     _listener: WakeListener,
 }
 
@@ -130,7 +134,7 @@ impl fmt::Debug for RedisBackend {
 
 impl RedisBackend {
     /// Connects to the server of `config`, checks that its eviction policy cannot free
-    /// held locks, and subscribes to its release channel.
+    /// held locks, and subscribes to a hand-off channel of its own.
     ///
     /// # Errors
     /// [`Error::Config`] for a bad configuration or an evicting server (see
@@ -143,9 +147,10 @@ impl RedisBackend {
         let address = config.node.address();
         let wakers = Arc::new(Wakers::default());
         let handoffs = Arc::new(Handoffs::default());
+        let channel = keys.handoff_channel(OwnerId::random().as_str());
         let listener = WakeListener::subscribe_with_handoffs(
             connection::client(&config.node)?,
-            keys.channel(),
+            channel.clone(),
             &wakers,
             &handoffs,
             config.connect_timeout,
@@ -160,6 +165,7 @@ impl RedisBackend {
                 address,
                 wakers,
                 handoffs,
+                channel,
                 _listener: listener,
             }),
         })
@@ -238,7 +244,7 @@ impl RedisBackend {
             &req.owner,
             req.ttl,
             self.inner.config.token_ttl,
-            queue_for,
+            queue_for.map(|queue_for| (queue_for, self.inner.channel.as_str())),
         )
         .await;
         in_flight.settle();

@@ -66,8 +66,8 @@ end
 ";
 
 /// KEYS: lock, counter, queue, wants. ARGV: owner, ttl ms, counter ttl ms, queue ms
-/// (0: do not queue), margin ms. `{1, token}` when granted, `{0, pttl}` when held
-/// (pttl -1: held without expiry).
+/// (0: do not queue), the waiter's hand-off channel, margin ms. `{1, token}` when
+/// granted, `{0, pttl}` when held (pttl -1: held without expiry).
 ///
 /// The token is `max(counter + 1, now_us)`: it rises by at least one per grant, and it
 /// never lags the server clock, so a counter lost with all data (or expired) is
@@ -79,7 +79,7 @@ end
 /// with its expiry reset to a full TTL from now. A refused attempt that may wait
 /// queues `owner` (keeping its place if already queued) until the holder's remaining
 /// time plus the margin, or the end of its own wait if sooner: the score in `queue` is
-/// when it first queued (server ms), and `wants` holds `ttl_ms:until_ms`.
+/// when it first queued (server ms), and `wants` holds `ttl_ms:until_ms:channel`.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW_US}
@@ -105,10 +105,10 @@ local pttl = redis.call('PTTL', KEYS[1])
 if ARGV[4] ~= '0' then
   local ms = pttl
   if ms < 0 then ms = 1000 end
-  ms = math.min(ms + tonumber(ARGV[5]), tonumber(ARGV[4]))
+  ms = math.min(ms + tonumber(ARGV[6]), tonumber(ARGV[4]))
   local now_ms = math.floor(now_us / 1000)
   redis.call('ZADD', KEYS[3], 'NX', now_ms, ARGV[1])
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', now_ms + ms))
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', now_ms + ms) .. ':' .. ARGV[5])
   if redis.call('PTTL', KEYS[3]) < ms then
     redis.call('PEXPIRE', KEYS[3], ms)
     redis.call('PEXPIRE', KEYS[4], ms)
@@ -215,19 +215,20 @@ return 0"
     ))
 });
 
-/// KEYS: lock, counter, queue, wants. ARGV: owner, token ('' for any), channel, name,
-/// counter ttl ms, leave ('1': first take `owner` out of the queue).
+/// KEYS: lock, counter, queue, wants. ARGV: owner, token ('' for any), name, counter
+/// ttl ms, leave ('1': first take `owner` out of the queue).
 ///
 /// The release of one server: deletes the grant if it is ours and hands the lock to
 /// the longest-queued waiter whose entry is still live (entries past their time are
 /// dropped, at most 32 per release): its grant is made here, with a new token and the
-/// TTL it asked for, and `name NUL owner:token` is published so its process hears it.
+/// TTL it asked for, and `name NUL owner:token` is published on the channel the waiter
+/// queued with (its own backend's), so only its process hears it.
 /// `{1, 'owner:token'}` when handed on, `{1, ''}` when freed, `{0, ''}` when not ours.
 /// An uncontended release publishes nothing.
 static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{OURS}
-if ARGV[6] == '1' then
+if ARGV[5] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[1])
 end
@@ -248,16 +249,15 @@ for _ = 1, 32 do
       local clock = redis.call('TIME')
       now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
     end
-    local sep = string.find(wants, ':', 1, true)
-    local ttl = tonumber(string.sub(wants, 1, (sep or 1) - 1))
-    local until_ms = tonumber(string.sub(wants, (sep or 0) + 1))
-    if ttl and until_ms and until_ms * 1000 > now_us then
+    local ttl, until_ms, channel = string.match(wants, '^(%d+):(%d+):(.+)$')
+    ttl = tonumber(ttl)
+    if ttl and tonumber(until_ms) * 1000 > now_us then
       local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
       local token = string.format('%.0f', math.max(last + 1, now_us))
-      redis.call('SET', KEYS[2], token, 'PX', math.max(tonumber(ARGV[5]), ttl))
+      redis.call('SET', KEYS[2], token, 'PX', math.max(tonumber(ARGV[4]), ttl))
       local grant = next_owner .. ':' .. token
       redis.call('SET', KEYS[1], grant, 'PX', ttl)
-      redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\0' .. grant)
+      redis.call('PUBLISH', channel, ARGV[3] .. '\0' .. grant)
       return {{1, grant}}
     end
   end
@@ -359,7 +359,13 @@ impl KeySpace {
         format!("{}wants:{name}", self.prefix)
     }
 
-    /// `{prefix}released`: where releases publish the name they freed.
+    /// `{prefix}handoff:{id}`: where releases publish the grants they hand to waiters
+    /// of the one-server backend `id`.
+    pub fn handoff_channel(&self, id: &str) -> String {
+        format!("{}handoff:{id}", self.prefix)
+    }
+
+    /// `{prefix}released`: where Redlock releases publish the name they freed.
     pub fn channel(&self) -> String {
         format!("{}released", self.prefix)
     }
@@ -388,8 +394,9 @@ pub struct Renewal<'a> {
 }
 
 /// Takes `name` for `owner` if free (or if a release handed it to `owner`) and mints
-/// its token (script `ACQUIRE`). With `queue_for`, a refused attempt queues `owner` for
-/// a hand-off by the next release, for at most that long.
+/// its token (script `ACQUIRE`). With `queue = (for, channel)`, a refused attempt
+/// queues `owner` for a hand-off by the next release, for at most `for`; the grant is
+/// then published on `channel`.
 ///
 /// # Errors
 /// The command's failure; the grant may then have been made, and `owner` queued (undo
@@ -401,8 +408,9 @@ pub async fn acquire(
     owner: &OwnerId,
     ttl: Duration,
     token_ttl: Duration,
-    queue_for: Option<Duration>,
+    queue: Option<(Duration, &str)>,
 ) -> RedisResult<Attempt> {
+    let (queue_for, channel) = queue.unwrap_or((Duration::ZERO, ""));
     let reply: (i64, String) = ACQUIRE
         .key(keys.lock(name))
         .key(keys.token(name))
@@ -411,7 +419,12 @@ pub async fn acquire(
         .arg(owner.as_str())
         .arg(millis_ceil(ttl))
         .arg(millis_ceil(token_ttl.max(ttl)))
-        .arg(queue_for.map_or(0, millis_ceil))
+        .arg(if queue.is_some() {
+            millis_ceil(queue_for)
+        } else {
+            0
+        })
+        .arg(channel)
         .arg(WAITER_MARGIN_MS)
         .invoke_async(conn)
         .await?;
@@ -452,7 +465,6 @@ pub async fn release_handing_off(
         .key(keys.wants(name))
         .arg(owner.as_str())
         .arg(token.map_or_else(String::new, |t| t.0.to_string()))
-        .arg(keys.channel())
         .arg(name)
         .arg(millis_ceil(token_ttl))
         .arg(if leave_queue { "1" } else { "0" })

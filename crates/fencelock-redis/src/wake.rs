@@ -1,8 +1,9 @@
-//! Waking waiters on release: one pub/sub connection per backend receives every release
-//! published under its prefix (the channel `{prefix}released`, the name as payload)
-//! and wakes this process's waiters on that name. A release that handed the lock to a
-//! queued waiter publishes `name NUL owner:token` instead: the grant goes to that
-//! owner's [`Handoffs`] entry, and no one else is woken.
+//! Waking waiters on release: one pub/sub connection per backend. Redlock's nodes
+//! publish the freed name on `{prefix}released`, which wakes this process's waiters on
+//! that name. A one-server release hands the lock to a queued waiter and publishes
+//! `name NUL owner:token` on that waiter's backend's own channel
+//! (`{prefix}handoff:{id}`): the grant goes to the owner's [`Handoffs`] entry, and no
+//! one else is woken.
 //!
 //! Public for the Redlock driver (one listener per node); not part of the stable API.
 

@@ -671,16 +671,14 @@ async fn a_release_published_while_the_waiter_was_cut_off_still_reaches_it() {
         // subscription (bounded: 1000 × 5 ms), then let it reconnect.
         proxy.set(Fault::Reset);
         for _ in 0..1000 {
-            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("fencelock:released")
-                .query_async::<Vec<(String, i64)>>(&mut admin)
+            // Each backend listens on a hand-off channel of its own; the holder's stays.
+            let channels: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg("fencelock:handoff:*")
+                .query_async(&mut admin)
                 .await
-                .expect("PUBSUB NUMSUB")
-                .pop()
-                .expect("one channel");
-            // The holder's own subscription stays.
-            if subscribers <= 1 {
+                .expect("PUBSUB CHANNELS");
+            if channels.len() <= 1 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -890,7 +888,7 @@ async fn stale_queue_entries_are_skipped_and_a_vanished_waiter_holds_only_its_tt
                 "HSET",
                 &wants,
                 "0123456789abcdef0123456789abcde0",
-                &format!("60000:{}", now_ms - 1000),
+                &format!("60000:{}:fencelock:handoff:gone", now_ms - 1000),
             ],
         )
         .await;
@@ -910,7 +908,7 @@ async fn stale_queue_entries_are_skipped_and_a_vanished_waiter_holds_only_its_tt
                 "HSET",
                 &wants,
                 "0123456789abcdef0123456789abcde1",
-                &format!("2000:{}", now_ms + 60_000),
+                &format!("2000:{}:fencelock:handoff:gone", now_ms + 60_000),
             ],
         )
         .await;
