@@ -10,9 +10,11 @@ use crate::measure::{CYCLE_LIMIT, Plan, Result, Role, Samples, Variant};
 pub(crate) const TTL: Duration = Duration::from_secs(10);
 
 /// How long the waiter of S4 gets to start waiting before the holder releases.
-const WAITER_SETTLES: Duration = Duration::from_millis(30);
+pub(crate) const WAITER_SETTLES: Duration = Duration::from_millis(30);
 
-/// Round trips of the floor timed after each hand-off, so both interleave.
+/// Round trips of the floor timed after each hand-off, so both interleave: the first
+/// after the same pause as the hand-off (every thread and the server idle for
+/// [`WAITER_SETTLES`], as when the release is called), the rest back to back (warm).
 const ROUND_TRIPS_PER_HANDOFF: usize = 5;
 
 /// S1: `lock(name).no_wait()` then `guard.release()`.
@@ -32,18 +34,20 @@ pub(crate) fn acquire_release(label: impl Into<String>, locker: Locker, name: &s
 /// S4: holder A (one connection) holds `name`, waiter B (another connection) waits
 /// for it; the latency runs from just before A's release call to B's grant. After
 /// each hand-off, `round_trip` (one trivial command on the same server) is timed
-/// [`ROUND_TRIPS_PER_HANDOFF`] times. Returns (hand-offs, round trips).
+/// [`ROUND_TRIPS_PER_HANDOFF`] times, the first after the same idle pause as the
+/// release. Returns (hand-offs, round trips after the pause, warm round trips).
 pub(crate) async fn handoff(
     url: &str,
     name: &str,
     round_trip: &mut Variant,
     plan: &Plan,
-) -> Result<(Samples, Samples)> {
+) -> Result<(Samples, Samples, Samples)> {
     let holder = fencelock::connect(url).await?;
     let waiter = fencelock::connect(url).await?;
     round_trip.run(plan.warmup).await?;
     let mut handoffs = Samples::default();
     let mut round_trips = Samples::default();
+    let mut warm_round_trips = Samples::default();
     let started = Instant::now();
     for _ in 0..plan.handoffs {
         let held = holder.lock(name).ttl(TTL).no_wait().await?;
@@ -67,12 +71,14 @@ pub(crate) async fn handoff(
             .await
             .map_err(|_| format!("S4 on {url}: no hand-off within {CYCLE_LIMIT:?}"))???;
         handoffs.push(granted_at.saturating_duration_since(release_called));
-        for _ in 0..ROUND_TRIPS_PER_HANDOFF {
-            round_trips.push(round_trip.time_once().await?);
+        tokio::time::sleep(WAITER_SETTLES).await;
+        round_trips.push(round_trip.time_once().await?);
+        for _ in 1..ROUND_TRIPS_PER_HANDOFF {
+            warm_round_trips.push(round_trip.time_once().await?);
         }
         if started.elapsed() > plan.budget {
             break;
         }
     }
-    Ok((handoffs, round_trips))
+    Ok((handoffs, round_trips, warm_round_trips))
 }

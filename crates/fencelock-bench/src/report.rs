@@ -198,7 +198,7 @@ impl Report {
         &mut self,
         store: &str,
         round_trip: &Variant,
-        (mut handoffs, mut round_trips): (Samples, Samples),
+        (mut handoffs, mut round_trips, mut warm): (Samples, Samples, Samples),
         target: Option<f64>,
     ) {
         let p50 = handoffs.percentile(50.0);
@@ -208,7 +208,13 @@ impl Report {
             handoffs: handoffs.len(),
             p50_us: p50,
             p99_us: handoffs.percentile(99.0),
-            round_trip: round_trip.label.clone(),
+            round_trip: format!(
+                "{} after the same {} ms idle pause (warm: {:.0} µs, so {:.1}×)",
+                round_trip.label,
+                crate::library::WAITER_SETTLES.as_millis(),
+                warm.percentile(50.0),
+                p50 / warm.percentile(50.0)
+            ),
             round_trip_p50_us: round_trip_p50,
             ratio: p50 / round_trip_p50,
             target,
