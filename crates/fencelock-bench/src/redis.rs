@@ -18,6 +18,11 @@ const COMPARE_AND_DELETE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
 
+/// Options of every Redlock URL here: a node timeout (default 50 ms at this TTL) long
+/// enough that a loaded 2-core machine does not fail a cycle. It bounds only how long a
+/// slow node is waited for, so it does not change a cycle whose nodes answer.
+pub(crate) const REDLOCK_OPTIONS: &str = "?node_timeout=250ms";
+
 /// Client requests per cycle: acquire and release are one request each, for the
 /// floor and the library alike.
 const REQUESTS_PER_CYCLE: f64 = 2.0;
@@ -31,7 +36,11 @@ pub(crate) async fn run(plan: &Plan, report: &mut Report) -> Result<()> {
             .iter()
             .map(|s| s.addr().to_string())
             .collect();
-        format!("redlock://{}", addrs.join(","))
+        format!(
+            "redlock://{}{}",
+            addrs.join(","),
+            crate::redis::REDLOCK_OPTIONS
+        )
     };
     let (redlock3, redlock5) = (redlock(3), redlock(5));
     let conn = connect(single).await?;

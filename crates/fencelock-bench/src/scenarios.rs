@@ -149,7 +149,11 @@ pub(crate) async fn run(
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
         let target = Target {
             store: "redlock (5 nodes)".into(),
-            url: format!("redlock://{}", addrs.join(",")),
+            url: format!(
+                "redlock://{}{}",
+                addrs.join(","),
+                crate::redis::REDLOCK_OPTIONS
+            ),
             session_options: None,
             counter: Counter::Redis(nodes.iter().map(Server::url).collect()),
             session_locks: false,

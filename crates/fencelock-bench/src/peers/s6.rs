@@ -24,7 +24,11 @@ pub(crate) async fn run(servers: &[RedisServer], plan: &Plan, report: &mut Repor
             .get(..nodes)
             .ok_or_else(|| format!("S6 needs {nodes} Redis nodes, {} started", servers.len()))?;
         let addrs: Vec<String> = chosen.iter().map(|s| s.addr().to_string()).collect();
-        let url = format!("redlock://{}", addrs.join(","));
+        let url = format!(
+            "redlock://{}{}",
+            addrs.join(","),
+            crate::redis::REDLOCK_OPTIONS
+        );
         let mut conns = Vec::with_capacity(nodes);
         for server in chosen {
             conns.push(
