@@ -86,6 +86,22 @@ impl StoreUrl {
             .map_err(|err| Error::config(format!("option `{key}` of `{self}`: {err}")))
     }
 
+    /// Removes option `key` and reads it as a yes/no switch (`true`/`false`, `1`/`0`,
+    /// `yes`/`no`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the option if the value is none of those.
+    pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>> {
+        match self.take(key).as_deref() {
+            None => Ok(None),
+            Some("true" | "1" | "yes") => Ok(Some(true)),
+            Some("false" | "0" | "no") => Ok(Some(false)),
+            Some(other) => Err(Error::config(format!(
+                "option `{key}` of `{self}` is `{other}`; give true or false"
+            ))),
+        }
+    }
+
     /// Fails if any option was not taken, naming it and the options `known`.
     ///
     /// # Errors
@@ -181,6 +197,35 @@ fn bad_duration(text: &str) -> Error {
     ))
 }
 
+/// Decodes `%XX` escapes in a part of a URL (a user name, a password, a path), so it
+/// can hold `@`, `:`, `?`, `#` or spaces.
+///
+/// # Errors
+/// What is wrong, to follow the part's name in a message: a `%` not followed by two
+/// hex digits, or escapes that decode to bytes that are not UTF-8.
+pub fn percent_decode(text: &str) -> std::result::Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3).filter(|h| h.len() == 2);
+            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+            let Some(byte) = byte else {
+                return Err(format!(
+                    "has a `%` not followed by two hex digits at byte {i}; write a literal % as %25"
+                ));
+            };
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "decodes to bytes that are not UTF-8".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +296,29 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn percent_escapes_decode_and_bad_ones_are_named() {
+        assert_eq!(percent_decode("a%40b%3Ac").unwrap(), "a@b:c");
+        assert!(
+            percent_decode("50%")
+                .unwrap_err()
+                .contains("two hex digits")
+        );
+        assert!(percent_decode("%ff").unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn switches_read_true_or_false_and_name_a_bad_value() {
+        let mut url = StoreUrl::parse("redis://h:1?a=yes&b=0&c=maybe").unwrap();
+        assert_eq!(url.take_bool("a").unwrap(), Some(true));
+        assert_eq!(url.take_bool("b").unwrap(), Some(false));
+        assert_eq!(url.take_bool("d").unwrap(), None);
+        let err = url.take_bool("c").unwrap_err().to_string();
+        assert!(
+            err.contains("`c`") && err.contains("true or false"),
+            "{err}"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fencelock_core::url::StoreUrl;
+use fencelock_core::url::{StoreUrl, percent_decode};
 use fencelock_core::{Error, Result};
 
 /// One Redis server to connect to: address, database and credentials.
@@ -442,16 +442,7 @@ impl SharedOptions {
     /// # Errors
     /// [`Error::Config`] naming an option whose value is malformed.
     pub fn take(url: &mut StoreUrl) -> Result<Self> {
-        let allow_eviction = match url.take("allow_eviction").as_deref() {
-            None => None,
-            Some("true" | "1" | "yes") => Some(true),
-            Some("false" | "0" | "no") => Some(false),
-            Some(other) => {
-                return Err(Error::config(format!(
-                    "option `allow_eviction` of `{url}` is `{other}`; give true or false"
-                )));
-            }
-        };
+        let allow_eviction = url.take_bool("allow_eviction")?;
         Ok(Self {
             prefix: url.take("prefix"),
             connect_timeout: url.take_duration("connect_timeout")?,
@@ -517,32 +508,6 @@ pub fn check_token_ttl(value: Duration) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Decodes `%XX` escapes.
-fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let byte = text
-                .get(i + 1..i + 3)
-                .filter(|hex| hex.len() == 2)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-            let Some(byte) = byte else {
-                return Err(format!(
-                    "has a `%` not followed by two hex digits at byte {i}; write a literal % as %25"
-                ));
-            };
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "decodes to bytes that are not UTF-8".to_owned())
 }
 
 #[cfg(test)]

@@ -103,15 +103,7 @@ impl RedlockConfig {
         }
         let nodes = RedisNode::parse_list(url.body())
             .map_err(|problem| Error::config(format!("in `{shown}`: {problem}")))?;
-        let tls = match url.take("tls").as_deref() {
-            None | Some("false" | "0" | "no") => false,
-            Some("true" | "1" | "yes") => true,
-            Some(other) => {
-                return Err(Error::config(format!(
-                    "option `tls` of `{url}` is `{other}`; give true or false"
-                )));
-            }
-        };
+        let tls = url.take_bool("tls")?.unwrap_or(false);
         let tls = RedisTls::take(&mut url, tls, "add tls=true for TLS, or drop the option")?;
         let mut config = Self::new(nodes);
         for node in &mut config.nodes {

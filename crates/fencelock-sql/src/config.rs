@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fencelock_core::url::StoreUrl;
+use fencelock_core::url::{StoreUrl, percent_decode};
 use fencelock_core::{Error, Result};
 
 /// How to open the SQLite store: `sqlite://PATH?option=value&...`.
@@ -228,30 +228,6 @@ pub(crate) fn check_table_name(option: &str, name: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Decodes `%XX` escapes, so paths can hold `?`, `#` or spaces.
-fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).filter(|h| h.len() == 2);
-            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
-            let Some(byte) = byte else {
-                return Err(format!(
-                    "has a `%` not followed by two hex digits at byte {i}; write a literal % as %25"
-                ));
-            };
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "decodes to bytes that are not UTF-8".to_owned())
 }
 
 #[cfg(test)]
