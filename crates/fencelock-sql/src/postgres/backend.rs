@@ -88,7 +88,9 @@ pub struct PostgresBackend {
 struct Inner {
     locks: ServerLocks<LeaseQueries, SessionQueries>,
     config: PostgresConfig,
-    _listener: Listener,
+    /// Lease mode only: session-mode waiters queue in the server, and session
+    /// releases notify nobody.
+    _listener: Option<Listener>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -104,7 +106,7 @@ impl fmt::Debug for PostgresBackend {
 
 impl PostgresBackend {
     /// Connects to the server of `config`, creates the lease table if it does not
-    /// exist yet and starts listening for releases.
+    /// exist yet and, in lease mode, starts listening for releases.
     ///
     /// Safe when many processes start at once on an empty database.
     ///
@@ -113,8 +115,10 @@ impl PostgresBackend {
     /// naming the server when it cannot be reached; [`Error::Unsupported`] in session
     /// mode behind a transaction pooling proxy, naming the cause and the fix.
     pub async fn connect(config: PostgresConfig) -> Result<Self> {
-        // One more connection than configured: the listener keeps one for itself.
-        let pool = open_pool(&config, 1).await?;
+        // In lease mode, one more connection than configured: the listener keeps one
+        // for itself.
+        let lease_mode = config.mode == LockMode::Lease;
+        let pool = open_pool(&config, u32::from(lease_mode)).await?;
         if config.mode == LockMode::Session {
             // First, before any prepared statement could be mixed up by such a proxy.
             let pooled = behind_transaction_pooling(&pool).await.map_err(|err| {
@@ -135,9 +139,14 @@ impl PostgresBackend {
             .await
             .map_err(|err| db_error(context(&config, "create the lease table"), err))?;
         let wakers = Arc::new(Wakers::default());
-        let listener = Listener::start(&pool, &config.table, Arc::clone(&wakers))
-            .await
-            .map_err(|err| db_error(context(&config, "listen for releases"), err))?;
+        let listener = if lease_mode {
+            let listener = Listener::start(&pool, &config.table, Arc::clone(&wakers))
+                .await
+                .map_err(|err| db_error(context(&config, "listen for releases"), err))?;
+            Some(listener)
+        } else {
+            None
+        };
         let session =
             (config.mode == LockMode::Session).then(|| SessionQueries::new(&config.table));
         let settings = Settings {
