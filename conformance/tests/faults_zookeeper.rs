@@ -156,8 +156,13 @@ async fn short_disconnect_keeps_the_lock() {
     proxy.set(Fault::Blackhole);
     tokio::time::sleep(timeout_granted / 4).await;
     proxy.set(Fault::Pass);
-    // Give a reconnect, if any, time to settle (bounded by the session timeout).
-    tokio::time::sleep(timeout_granted / 2).await;
+    // The guard reads "not held" while disconnected and held again once the session
+    // is back (a loss would be final); look until then, within half the session
+    // timeout (bounded: 10 ms steps).
+    let back = tokio::time::Instant::now() + timeout_granted / 2;
+    while !guard.is_held() && tokio::time::Instant::now() < back {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(guard.is_held(), "a short disconnect lost the lock");
     let err = b
         .acquire(request(&n, WaitPolicy::NoWait))
