@@ -399,8 +399,14 @@ async fn session_mode_a_cancelled_get_lock_wait_is_killed_and_never_takes_the_lo
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(gone, "the cancelled waiter's session {id} still exists");
-        assert!(get_lock_waits(&operator).await.is_empty());
+        // On failure, say what the session was doing: still waiting in `GET_LOCK` means
+        // the kill never reached it.
+        let waits = get_lock_waits(&operator).await;
+        assert!(
+            gone,
+            "the cancelled waiter's session {id} still exists; lock statements running: {waits:?}"
+        );
+        assert!(waits.is_empty(), "{waits:?}");
         assert_eq!(
             named_lock_holder(&operator, "cancel").await,
             Some(holder_id)
