@@ -247,13 +247,15 @@ impl RedisBackend {
             queue_for.map(|queue_for| (queue_for, self.inner.channel.as_str())),
         )
         .await;
-        in_flight.settle();
         let outcome = match outcome {
-            Ok(outcome) => outcome,
+            Ok(outcome) => {
+                in_flight.settle();
+                outcome
+            }
             Err(err) => {
                 // Maybe applied: undo it by owner before anything else is sent, so a
                 // retry cannot be overtaken by this cleanup.
-                self.undo_unseen(&req.name, &req.owner).await;
+                in_flight.undo().await;
                 return Err(self.failed(format_args!("acquire `{}`", req.name), err));
             }
         };
@@ -337,7 +339,7 @@ impl LockBackend for RedisBackend {
         let mut handoff = self.inner.handoffs.register(&req.owner);
         // Until settled, a dropped or failed wait leaves the queue (and passes on a
         // grant handed to it meanwhile) in the background.
-        let queued = Queued {
+        let queued = InFlight {
             backend: Some(self),
             name: &req.name,
             owner: &req.owner,
@@ -371,20 +373,22 @@ impl LockBackend for RedisBackend {
                         () = tokio::time::sleep_until(deadline.cap(Instant::now() + retry)) => {}
                     }
                     if deadline.passed() {
-                        queued.leave().await;
+                        // The failed attempt was undone, which left the queue too.
+                        queued.settle();
                         return Err(err);
                     }
                     retry = (retry * 2).min(LONGEST_RETRY);
                     continue;
                 }
                 Err(err) => {
-                    queued.leave().await;
+                    // The failed attempt was undone, which left the queue too.
+                    queued.settle();
                     return Err(err);
                 }
             };
             retry = FIRST_RETRY;
             if deadline.passed() {
-                queued.leave().await;
+                queued.undo().await;
                 return Err(deadline.give_up(&req.name, STORE));
             }
             // An expiry hands nothing on: look again just after the holder's TTL.
@@ -484,12 +488,15 @@ impl LockBackend for RedisBackend {
     }
 }
 
-/// An acquire whose reply its caller has not seen yet. Dropped unsettled (the future
-/// was dropped mid-flight, or the command failed or timed out), it releases whatever
-/// the script may have granted, by owner, as if it had been applied.
+/// An acquire whose outcome its caller has not seen yet: one attempt in flight, or a
+/// whole wait while its owner may be queued on the server. Dropped unsettled (the
+/// future was dropped mid-flight or mid-wait), it releases by owner, in the background,
+/// whatever the script may have granted or a release may have handed over meanwhile,
+/// and takes the owner out of the queue ([`RedisBackend::undo_unseen`]).
 ///
 /// The cleanup goes out on the same multiplexed connection, after the command it
-/// undoes (unless that connection broke, in which case the grant ends at its TTL).
+/// undoes (unless that connection broke, in which case the grant ends at its TTL and
+/// the queue entry at its time).
 struct InFlight<'a> {
     backend: Option<&'a RedisBackend>,
     name: &'a LockName,
@@ -500,6 +507,13 @@ impl InFlight<'_> {
     /// The caller saw the outcome: nothing to undo.
     fn settle(mut self) {
         self.backend = None;
+    }
+
+    /// Undoes it now: the attempt failed, or the wait gives up.
+    async fn undo(mut self) {
+        if let Some(backend) = self.backend.take() {
+            backend.undo_unseen(self.name, self.owner).await;
+        }
     }
 }
 
@@ -565,44 +579,5 @@ impl RedisBackend {
                 true
             }
         }
-    }
-}
-
-/// A waiting acquire that may be queued on the server. Dropped unsettled (the future
-/// was dropped mid-wait), it takes the owner out of the queue in the background and
-/// passes on a grant a release may have handed to it meanwhile.
-struct Queued<'a> {
-    backend: Option<&'a RedisBackend>,
-    name: &'a LockName,
-    owner: &'a OwnerId,
-}
-
-impl Queued<'_> {
-    /// Granted: the grant took the owner out of the queue.
-    fn settle(mut self) {
-        self.backend = None;
-    }
-
-    /// Gives up: leaves the queue, and passes on a grant handed to the owner since.
-    async fn leave(mut self) {
-        if let Some(backend) = self.backend.take() {
-            backend.undo_unseen(self.name, self.owner).await;
-        }
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        let Some(backend) = self.backend.take() else {
-            return;
-        };
-        // Without a runtime the entry ends at its time, and a grant at its TTL.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let backend = backend.clone();
-        let name = self.name.clone();
-        let owner = self.owner.clone();
-        runtime.spawn(async move { backend.undo_unseen(&name, &owner).await });
     }
 }

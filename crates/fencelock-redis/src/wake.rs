@@ -123,15 +123,14 @@ impl WakeListener {
         connect_timeout: Duration,
     ) -> RedisResult<Self> {
         let first = subscribe(&client, &channel, connect_timeout).await?;
-        let task = tokio::spawn(listen(
+        Ok(Self::start(
             client,
             channel,
-            Arc::downgrade(wakers),
-            Some(Arc::downgrade(handoffs)),
+            wakers,
+            Some(handoffs),
             connect_timeout,
             Some(first),
-        ));
-        Ok(Self { task })
+        ))
     }
 
     /// Listens in the background, subscribing first if `first` is `None` (for servers
@@ -143,11 +142,22 @@ impl WakeListener {
         connect_timeout: Duration,
         first: Option<PubSubStream>,
     ) -> Self {
+        Self::start(client, channel, wakers, None, connect_timeout, first)
+    }
+
+    fn start(
+        client: redis::Client,
+        channel: String,
+        wakers: &Arc<Wakers>,
+        handoffs: Option<&Arc<Handoffs>>,
+        connect_timeout: Duration,
+        first: Option<PubSubStream>,
+    ) -> Self {
         let task = tokio::spawn(listen(
             client,
             channel,
             Arc::downgrade(wakers),
-            None,
+            handoffs.map(Arc::downgrade),
             connect_timeout,
             first,
         ));
