@@ -501,36 +501,13 @@ pub fn parse_release_message(payload: &[u8]) -> Option<(&str, Option<(OwnerId, F
 }
 
 /// Redlock's first phase on one node: claims `name` for `owner` if free, counts, and
-/// stamps the claim with the count (script `CLAIM`), keeping the counter for the
-/// default 24 h ([`RedisConfig::DEFAULT_TOKEN_TTL`](crate::RedisConfig::DEFAULT_TOKEN_TTL),
-/// or `ttl` if longer). [`Attempt::Granted`] carries the node's count.
+/// stamps the claim with the count (script `CLAIM`), keeping the counter for
+/// `token_ttl` (or `ttl` if longer) after this claim. [`Attempt::Granted`] carries the
+/// node's count.
 ///
 /// # Errors
 /// As [`acquire`].
 pub async fn claim(
-    conn: &mut (impl ConnectionLike + Send),
-    keys: &KeySpace,
-    name: &str,
-    owner: &OwnerId,
-    ttl: Duration,
-) -> RedisResult<Attempt> {
-    claim_with_token_ttl(
-        conn,
-        keys,
-        name,
-        owner,
-        ttl,
-        crate::RedisConfig::DEFAULT_TOKEN_TTL,
-    )
-    .await
-}
-
-/// [`claim`], keeping the counter for `token_ttl` (or `ttl` if longer) after this
-/// claim.
-///
-/// # Errors
-/// As [`acquire`].
-pub async fn claim_with_token_ttl(
     conn: &mut (impl ConnectionLike + Send),
     keys: &KeySpace,
     name: &str,

@@ -286,8 +286,7 @@ impl RedlockBackend {
             .until_decided(
                 limit,
                 move |mut conn, keys, name, owner| async move {
-                    scripts::claim_with_token_ttl(&mut conn, &keys, &name, &owner, ttl, token_ttl)
-                        .await
+                    scripts::claim(&mut conn, &keys, &name, &owner, ttl, token_ttl).await
                 },
                 &req.name,
                 owner,

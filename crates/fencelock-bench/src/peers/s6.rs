@@ -73,7 +73,16 @@ fn sequential(nodes: usize, conns: Vec<ConnectionManager>, name: &str) -> Varian
                 let owner = OwnerId::random();
                 let mut counts = Vec::with_capacity(conns.len());
                 for conn in &mut conns {
-                    match scripts::claim(conn, &keys, &name, &owner, TTL).await? {
+                    match scripts::claim(
+                        conn,
+                        &keys,
+                        &name,
+                        &owner,
+                        TTL,
+                        RedisConfig::DEFAULT_TOKEN_TTL,
+                    )
+                    .await?
+                    {
                         Attempt::Granted(count) => counts.push(count.0),
                         Attempt::Held(_) => {
                             return Err(format!("S6: {name} was already held").into());
