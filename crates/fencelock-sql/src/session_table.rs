@@ -17,7 +17,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fencelock_core::{Error, Lease, LossReason, Result, valid_until};
+use fencelock_core::{AcquireRequest, Error, FencingToken, Lease, LossReason, Result, valid_until};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Database};
 use tokio::task::AbortHandle;
@@ -209,9 +209,37 @@ impl<C: Connection + 'static> SessionLocks<C> {
         }
     }
 
-    /// Records a lock just taken on `conn` (server session `session`) for `owner`,
-    /// and starts its TTL: the connection is closed at `ends_at` unless renewed.
-    pub(crate) fn insert(
+    /// Records the lock of `req` just taken with `token` on `conn` (server session
+    /// `session`), which leaves the pool for as long as it is held, and starts its TTL
+    /// from `taken` (when the lock statement returned: the server lock has no expiry of
+    /// its own, so the connection is closed at `taken + ttl` unless renewed). Returns
+    /// the lease, valid as long.
+    pub(crate) fn grant(
+        self: &Arc<Self>,
+        req: &AcquireRequest,
+        key: &str,
+        token: u64,
+        session: ServerSession,
+        conn: C,
+        taken: Instant,
+    ) -> Lease {
+        self.insert(
+            req.owner.as_str(),
+            key,
+            token,
+            session,
+            conn,
+            taken + req.ttl,
+        );
+        Lease::new(
+            req.name.clone(),
+            req.owner.clone(),
+            FencingToken(token),
+            valid_until(taken, req.ttl),
+        )
+    }
+
+    fn insert(
         self: &Arc<Self>,
         owner: &str,
         key: &str,

@@ -647,44 +647,17 @@ async fn session_mode_queued_waiters_are_granted_one_by_one_each_with_the_next_t
     bounded(async {
         let server = server().await;
         let holder = open_session_never_polling(&server).await;
-        let operator = open(&server).await;
-        let held = holder.acquire(request("queue", HOUR)).await.unwrap();
-        // Each waiter notes its token while it holds the lock, so the notes are in
-        // grant order.
-        let granted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let operator = &open(&server).await;
         let mut waiters = Vec::new();
         for _ in 0..4 {
-            let waiter = open_session_never_polling(&server).await;
-            let granted = std::sync::Arc::clone(&granted);
-            waiters.push(tokio::spawn(async move {
-                let req = request("queue", HOUR).with_wait(WaitPolicy::Until(MINUTE));
-                let lease = waiter.acquire(req).await.unwrap();
-                granted.lock().unwrap().push(lease.token());
-                waiter.release(&lease).await.unwrap();
-            }));
+            waiters.push(open_session_never_polling(&server).await);
         }
-        // All four wait in GET_LOCK before the release (bounded: 1,000 × 20 ms).
-        let mut queued = 0;
-        for _ in 0..1000 {
-            queued = get_lock_waits(&operator).await.len();
-            if queued == 4 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(queued, 4);
-        holder.release(&held).await.unwrap();
-        for waiter in waiters {
-            waiter.await.unwrap();
-        }
-        // Every grant's bump read the row its predecessor's release had just
-        // committed: the tokens are the holder's plus 1, 2, 3, 4, in grant order.
-        let granted = granted.lock().unwrap().clone();
-        let expected: Vec<_> = (1..=4)
-            .map(|n| fencelock_core::FencingToken(held.token().0 + n))
-            .collect();
-        assert_eq!(granted, expected);
-        assert_eq!(named_lock_holder(&operator, "queue").await, None);
+        let queued = || async move { get_lock_waits(operator).await.len() };
+        common::session_mode_queued_waiters_are_granted_one_by_one_each_with_the_next_token(
+            &holder, waiters, queued,
+        )
+        .await;
+        assert_eq!(named_lock_holder(operator, "queue").await, None);
     })
     .await;
 }
@@ -935,38 +908,23 @@ async fn session_mode_a_lock_statement_that_fails_after_taking_the_lock_leaves_i
     bounded(async {
         let server = server().await;
         let client = open_session_never_polling(&server).await;
-        let operator = open(&server).await;
-        let first = client.acquire(request("fails", HOUR)).await.unwrap();
-        client.release(&first).await.unwrap();
-        // From now on the token bump fails, after the lock was taken in the same
-        // statement.
-        let table = operator.table().to_owned();
-        sqlx::query(&format!(
-            "ALTER TABLE `{table}` ADD CONSTRAINT refuse_owners CHECK (owner IS NULL)"
-        ))
-        .execute(operator.pool())
-        .await
-        .unwrap();
-        for wait in [false, true] {
-            let mut req = request("fails", HOUR);
-            if wait {
-                req = req.with_wait(WaitPolicy::Until(MINUTE));
-            }
-            let result = client.acquire(req).await;
-            assert!(matches!(result, Err(Error::Backend { .. })), "{result:?}");
-            // The failed statement's session was ended before the error came back,
-            // and with it the lock.
-            assert_eq!(named_lock_holder(&operator, "fails").await, None);
-        }
-        sqlx::query(&format!(
-            "ALTER TABLE `{table}` DROP CONSTRAINT refuse_owners"
-        ))
-        .execute(operator.pool())
-        .await
-        .unwrap();
-        let next = client.acquire(request("fails", HOUR)).await.unwrap();
-        assert!(next.token() > first.token());
-        client.release(&next).await.unwrap();
+        let operator = &open(&server).await;
+        let table = operator.table();
+        let refuse_owners = |refuse: bool| async move {
+            let change = if refuse {
+                format!("ALTER TABLE `{table}` ADD CONSTRAINT refuse_owners CHECK (owner IS NULL)")
+            } else {
+                format!("ALTER TABLE `{table}` DROP CONSTRAINT refuse_owners")
+            };
+            sqlx::query(&change).execute(operator.pool()).await.unwrap();
+        };
+        let lock_is_free = || async move { named_lock_holder(operator, "fails").await.is_none() };
+        common::session_mode_a_lock_statement_that_fails_after_taking_the_lock_leaves_it_free(
+            &client,
+            refuse_owners,
+            lock_is_free,
+        )
+        .await;
     })
     .await;
 }

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fencelock_core::{
-    AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline, valid_until,
+    AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline,
 };
 use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlPool, MySqlQueryResult};
 use sqlx::query::Query;
@@ -380,20 +380,7 @@ impl SessionMode for SessionQueries {
         let token = done.last_insert_id();
         // Out of the pool for as long as the lock is held.
         let conn = in_flight.conn.take().expect("settled here").detach();
-        locks.insert(
-            req.owner.as_str(),
-            key,
-            token,
-            session,
-            conn,
-            returned + req.ttl,
-        );
-        Ok(Some(Lease::new(
-            req.name.clone(),
-            req.owner.clone(),
-            FencingToken(token),
-            valid_until(returned, req.ttl),
-        )))
+        Ok(Some(locks.grant(req, key, token, session, conn, returned)))
     }
 
     /// Releases a grant that another client holds (the contract lets anyone with the

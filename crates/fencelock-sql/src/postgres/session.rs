@@ -35,7 +35,7 @@
 use std::sync::Arc;
 
 use fencelock_core::{
-    AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline, valid_until,
+    AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline,
 };
 use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgRow, Postgres};
 use sqlx::query::Query;
@@ -420,20 +420,7 @@ impl SessionMode for SessionQueries {
         let token = u64::try_from(token).unwrap_or(0);
         // Out of the pool for as long as the lock is held.
         let conn = in_flight.conn.take().expect("settled here").detach();
-        locks.insert(
-            req.owner.as_str(),
-            key,
-            token,
-            session,
-            conn,
-            returned + req.ttl,
-        );
-        Ok(Some(Lease::new(
-            req.name.clone(),
-            req.owner.clone(),
-            FencingToken(token),
-            valid_until(returned, req.ttl),
-        )))
+        Ok(Some(locks.grant(req, key, token, session, conn, returned)))
     }
 
     /// Releases a grant that another client holds (the contract lets anyone with the
@@ -504,7 +491,7 @@ mod tests {
     }
 
     /// The token and pid of a lock statement's row, if it took the lock.
-    async fn token(row: Option<PgRow>) -> Option<(i64, i32)> {
+    fn token(row: Option<PgRow>) -> Option<(i64, i32)> {
         row.map(|row| (row.get(0), row.get(1)))
     }
 
@@ -529,7 +516,7 @@ mod tests {
             .fetch_optional(&mut conn)
             .await
             .unwrap();
-        let (first, on) = token(tried).await.unwrap();
+        let (first, on) = token(tried).unwrap();
         assert_eq!(on, pid);
         assert_eq!(holds(&mut conn, "k").await, 1);
         let waited = sqlx::query(&queries.lock)
@@ -539,7 +526,7 @@ mod tests {
             .fetch_optional(&mut conn)
             .await
             .unwrap();
-        assert_eq!(token(waited).await, Some((first + 1, pid)));
+        assert_eq!(token(waited), Some((first + 1, pid)));
         assert_eq!(holds(&mut conn, "k").await, 1);
         let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
             .fetch_one(&mut conn)

@@ -345,6 +345,104 @@ pub(crate) async fn a_holder_cut_off_by_the_proxy_is_told_lost_and_fenced_after_
     );
 }
 
+/// In session mode, waiters queued in the server are granted one by one after a
+/// release, each with the next token: every grant's token bump reads the row its
+/// predecessor's release had just committed. `queued()` counts the sessions the server
+/// has queued for the lock `queue`; the four waiters must all be queued before the
+/// holder releases.
+pub(crate) async fn session_mode_queued_waiters_are_granted_one_by_one_each_with_the_next_token<
+    B,
+    Q,
+    F,
+>(
+    holder: &B,
+    waiters: Vec<B>,
+    queued: Q,
+) where
+    B: LockBackend + 'static,
+    Q: Fn() -> F,
+    F: Future<Output = usize>,
+{
+    assert_eq!(waiters.len(), 4);
+    let held = holder.acquire(request("queue", HOUR)).await.unwrap();
+    // Each waiter notes its token while it holds the lock, so the notes are in grant
+    // order.
+    let granted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for waiter in waiters {
+        let granted = std::sync::Arc::clone(&granted);
+        tasks.push(tokio::spawn(async move {
+            let req = request("queue", HOUR).with_wait(WaitPolicy::Until(MINUTE));
+            let lease = waiter.acquire(req).await.unwrap();
+            granted.lock().unwrap().push(lease.token());
+            waiter.release(&lease).await.unwrap();
+        }));
+    }
+    // All four queue in the server before the release (bounded: 1,000 × 20 ms).
+    let mut count = 0;
+    for _ in 0..1000 {
+        count = queued().await;
+        if count == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(count, 4);
+    holder.release(&held).await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let granted = granted.lock().unwrap().clone();
+    let expected: Vec<_> = (1..=4)
+        .map(|n| fencelock_core::FencingToken(held.token().0 + n))
+        .collect();
+    assert_eq!(granted, expected);
+}
+
+/// In session mode, a lock statement that fails after it took the lock (its token
+/// bump is refused) leaves the lock free, with and without a wait: the failed
+/// statement's session is ended before the error comes back. `refuse_owners(true)`
+/// makes the lease table refuse every owner (a check constraint), `false` lifts it;
+/// `lock_is_free()` asks the server whether anyone holds the lock `fails`.
+pub(crate) async fn session_mode_a_lock_statement_that_fails_after_taking_the_lock_leaves_it_free<
+    B,
+    R,
+    RF,
+    L,
+    LF,
+>(
+    client: &B,
+    refuse_owners: R,
+    lock_is_free: L,
+) where
+    B: LockBackend,
+    R: Fn(bool) -> RF,
+    RF: Future<Output = ()>,
+    L: Fn() -> LF,
+    LF: Future<Output = bool>,
+{
+    let first = client.acquire(request("fails", HOUR)).await.unwrap();
+    client.release(&first).await.unwrap();
+    // From now on the token bump fails, after the lock was taken in the same statement.
+    refuse_owners(true).await;
+    for wait in [false, true] {
+        let mut req = request("fails", HOUR);
+        if wait {
+            req = req.with_wait(WaitPolicy::Until(MINUTE));
+        }
+        let result = client.acquire(req).await;
+        assert!(matches!(result, Err(Error::Backend { .. })), "{result:?}");
+        assert!(
+            lock_is_free().await,
+            "the failed statement's lock is still held"
+        );
+    }
+    refuse_owners(false).await;
+    let next = client.acquire(request("fails", HOUR)).await.unwrap();
+    assert!(next.token() > first.token());
+    client.release(&next).await.unwrap();
+}
+
 /// One `#[tokio::test]` per shared server-store body, each bounded, on `$store` (a
 /// [`ServerStore`]).
 #[allow(unused_macros)] // The SQLite tests have no server.
