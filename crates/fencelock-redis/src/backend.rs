@@ -12,7 +12,7 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use crate::connection::{self, backend_error};
-use crate::scripts::{self, Attempt, KeySpace, Released, Renewal};
+use crate::scripts::{self, Attempt, KeySpace, Queueing, Released, Renewal};
 use crate::wake::{Handoffs, WakeListener, Wakers};
 use crate::{RedisConfig, RedisFenceGate, STORE};
 
@@ -61,7 +61,7 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 /// # Fencing tokens
 /// The acquire script mints `token = max(counter + 1, server time in µs)` and stores
 /// it in `{prefix}token:{name}`, which expires [`token_ttl`](RedisConfig::token_ttl)
-/// after the last grant (so names no longer used do not keep memory). Tokens of a name
+/// after the last attempt (so names no longer used do not keep memory). Tokens of a name
 /// therefore rise with every grant, and a counter that is missing (expired, deleted,
 /// or lost with all data in a restart without persistence) is re-seeded from the
 /// server's `TIME`, above every token minted before, **as long as the server's clock
@@ -74,7 +74,9 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 /// owner on the server (`{prefix}queue:{name}`, ordered by when it first queued, and
 /// `{prefix}wants:{name}` with its TTL and how long the entry lasts: the holder's
 /// remaining time plus 2 s, or the end of the wait if sooner). A release grants the
-/// lock to the longest-queued live waiter inside its own script and publishes the
+/// lock to the longest-queued live waiter inside its own script (a queued waiter marks
+/// the grant it waits for, and only the release of a marked grant looks at the queue,
+/// so an uncontended release is a `GET` and a `DEL`) and publishes the
 /// grant on that waiter's backend's channel: each backend keeps one pub/sub connection
 /// on a channel of its own, `{prefix}handoff:{random id}`, named in its waiters' queue
 /// entries, so a hand-off reaches only the process that waits for it, which hands the
@@ -224,11 +226,13 @@ impl RedisBackend {
     }
 
     /// One attempt: the lease if granted, else how long the holder keeps it. With
-    /// `queue_for`, a refused attempt queues the owner for a hand-off.
+    /// `queue_for`, a refused attempt queues the owner for a hand-off; `queued_before`
+    /// says an earlier attempt of the same wait was sent (so the owner may be queued).
     async fn attempt(
         &self,
         req: &AcquireRequest,
         queue_for: Option<Duration>,
+        queued_before: bool,
     ) -> Result<std::result::Result<Lease, Option<Duration>>> {
         let mut conn = self.inner.conn.clone();
         let in_flight = InFlight {
@@ -244,7 +248,11 @@ impl RedisBackend {
             &req.owner,
             req.ttl,
             self.inner.config.token_ttl,
-            queue_for.map(|queue_for| (queue_for, self.inner.channel.as_str())),
+            queue_for.map(|at_most| Queueing {
+                at_most,
+                channel: self.inner.channel.as_str(),
+                queued_before,
+            }),
         )
         .await;
         let outcome = match outcome {
@@ -331,7 +339,7 @@ impl LockBackend for RedisBackend {
         let deadline = WaitDeadline::start(req.wait);
         if !deadline.may_wait() {
             return self
-                .attempt(&req, None)
+                .attempt(&req, None, false)
                 .await?
                 .map_err(|_| deadline.give_up(&req.name, STORE));
         }
@@ -345,6 +353,7 @@ impl LockBackend for RedisBackend {
             owner: &req.owner,
         };
         let mut retry = FIRST_RETRY;
+        let mut queued_before = false;
         // Ends at the deadline; each round waits for a hand-off, a wake-up (the pub/sub
         // connection came back) or the holder's expiry, or, after a temporary failure,
         // for a growing pause.
@@ -358,7 +367,9 @@ impl LockBackend for RedisBackend {
                 at.saturating_duration_since(Instant::now())
             });
             let sent = Instant::now();
-            let remaining = match self.attempt(&req, Some(queue_for)).await {
+            let attempt = self.attempt(&req, Some(queue_for), queued_before).await;
+            queued_before = true;
+            let remaining = match attempt {
                 Ok(Ok(lease)) => {
                     queued.settle();
                     return Ok(lease);

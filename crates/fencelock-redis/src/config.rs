@@ -283,7 +283,7 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// How long connecting may take. Default 5 s.
     pub connect_timeout: Duration,
-    /// How long a name's token counter outlives its last grant. Default 24 h. An
+    /// How long a name's token counter outlives its last acquire. Default 24 h. An
     /// expired counter is re-seeded from the server clock, so this only bounds the
     /// memory unused names keep (see [`RedisBackend`](crate::RedisBackend)).
     pub token_ttl: Duration,

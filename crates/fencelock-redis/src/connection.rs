@@ -116,6 +116,7 @@ pub async fn connect(node: &RedisNode, options: ConnectOptions) -> Result<Connec
             ));
         }
     };
+    check_version(&mut conn, node).await?;
     check_eviction(&mut conn, node, options.allow_eviction).await?;
     crate::scripts::load_all(&conn).await.map_err(|err| {
         backend_error(
@@ -124,6 +125,61 @@ pub async fn connect(node: &RedisNode, options: ConnectOptions) -> Result<Connec
         )
     })?;
     Ok(conn)
+}
+
+/// The oldest server the scripts run on: the acquire script swaps the token counter
+/// with `SET … GET`, new in Redis 6.2.
+pub const MIN_VERSION: (u32, u32) = (6, 2);
+
+/// Fails if `node` is older than [`MIN_VERSION`] (by `redis_version` in `INFO server`;
+/// Valkey and other servers that speak the protocol report a compatible version there).
+/// A server that refuses `INFO` gets a warning and is used as is.
+///
+/// # Errors
+/// [`Error::Config`] naming the version found and the one needed; a backend error if
+/// the server cannot be reached.
+pub async fn check_version(conn: &mut ConnectionManager, node: &RedisNode) -> Result<()> {
+    let address = node.address();
+    let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await {
+        Ok(info) => info,
+        Err(err) if is_server_refusal(&err) => {
+            tracing::warn!(
+                server = %address,
+                error = %err,
+                "cannot read the version of this Redis server (INFO is not allowed);                  fencelock needs Redis 6.2 or later"
+            );
+            return Ok(());
+        }
+        Err(err) => {
+            return Err(backend_error(format!("read the version of {address}"), err));
+        }
+    };
+    let Some(version) = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map(str::trim)
+    else {
+        return Ok(());
+    };
+    if version_at_least(version, MIN_VERSION) {
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "the Redis server at {address} is version {version}; fencelock needs Redis {}.{} or          later (its acquire script uses `SET … GET`): upgrade the server",
+        MIN_VERSION.0, MIN_VERSION.1
+    )))
+}
+
+/// Whether a `major.minor.patch` version is at least `(major, minor)`; an unreadable
+/// one passes (the scripts then fail with the server's own error).
+fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(found_major)), Some(Ok(found_minor))) => {
+            (found_major, found_minor) >= (major, minor)
+        }
+        _ => true,
+    }
 }
 
 /// Fails if `node` may evict keys (`maxmemory` set and a `maxmemory-policy` other than
@@ -272,5 +328,21 @@ impl fmt::Display for Unreachable {
 impl std::error::Error for Unreachable {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_before_6_2_are_too_old() {
+        for old in ["5.0.14", "6.0.20", "6.1.0"] {
+            assert!(!version_at_least(old, MIN_VERSION), "{old}");
+        }
+        for new in ["6.2.0", "6.2.14", "7.0.15", "7.2.4", "8.0.1", "10.0.0"] {
+            assert!(version_at_least(new, MIN_VERSION), "{new}");
+        }
+        assert!(version_at_least("unknown", MIN_VERSION));
     }
 }

@@ -44,7 +44,7 @@
 //!   against the system's roots or the given CA; `cert=`/`key=` present a client
 //!   certificate. Built with the `tls` feature (on by default; rustls with ring).
 //!
-//! Redis 5 or later is required (tested with 7.0).
+//! Redis 6.2 or later is required (checked at connect; tested with 7.0).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

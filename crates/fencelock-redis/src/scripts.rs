@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use fencelock_core::{FencingToken, OwnerId};
 use redis::aio::ConnectionLike;
-use redis::{ErrorKind, RedisError, RedisResult, Script};
+use redis::{ErrorKind, RedisError, RedisResult, Script, Value};
 
 /// Compares two non-negative decimal integers written without leading zeros (tokens),
 /// exactly, whatever their size (Lua numbers are doubles).
@@ -32,22 +32,36 @@ local function greater(a, b)
 end
 ";
 
-/// Whether a stored value is this grant: `owner:token` exactly, or any token of
-/// `owner` when the token is ''.
+/// Whether a stored value is this grant: `owner:token` exactly (or marked with
+/// [`WAITED_FOR`]), or any token of `owner` when the token is ''.
 const OURS: &str = r"
 local function ours(value, owner, token)
   if not value then return false end
   if token == '' then return string.sub(value, 1, #owner + 1) == owner .. ':' end
-  return value == owner .. ':' .. token
+  local grant = owner .. ':' .. token
+  return value == grant or value == grant .. '~'
 end
 ";
+
+/// The mark a single server's grant carries once a waiter queued for it: the stored
+/// value is then `owner:token~`, and only a release of a marked grant looks at the
+/// queue. Every refused attempt that queues marks the grant it found (keeping its
+/// expiry), and a hand-off marks the grant it makes while others are still queued.
+/// A grant made by `SET NX` while waiters are queued (the previous holder expired) is
+/// marked by their next attempts, which each waiter makes at that expiry at the latest;
+/// if the previous grant vanished without a release before its expiry (an operator's
+/// `DEL` or `FLUSHALL`), the waiters look again only then, as they would without a
+/// queue.
+pub const WAITED_FOR: char = '~';
 
 /// The server clock in microseconds since the Unix epoch (exact in a double until the
 /// year 2255). Scripts replicate by effects (the default since Redis 5, the oldest
 /// server supported), so reading the clock before writing is allowed.
 const NOW_US: &str = r"
-local clock = redis.call('TIME')
-local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local function now_us()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
 ";
 
 /// How long a waiter's mark outlives the holder's remaining time (or the 1 s recheck
@@ -65,56 +79,76 @@ local function mark_waiter(pttl)
 end
 ";
 
-/// KEYS: lock, counter, queue, wants. ARGV: owner, ttl ms, counter ttl ms, queue ms
-/// (0: do not queue), the waiter's hand-off channel, margin ms. `{1, token}` when
-/// granted, `{0, pttl}` when held (pttl -1: held without expiry).
+/// KEYS: lock, counter, and, for an attempt that may queue, queue and wants. ARGV:
+/// owner, ttl ms, counter ttl ms, and, for an attempt that may queue, queue ms, the
+/// waiter's hand-off channel, margin ms, queued ('1': `owner` may be queued from an
+/// earlier attempt). The token when granted, `{pttl}` when held (pttl -1: held without
+/// expiry). An attempt that does not wait sends only what it uses.
 ///
-/// The token is `max(counter + 1, now_us)`: it rises by at least one per grant, and it
-/// never lags the server clock, so a counter lost with all data (or expired) is
-/// re-seeded above every token minted before, as long as the clock did not go back.
-/// The counter is written only when the `SET NX` took the lock. The grant is the
-/// script's first check, which keeps an uncontended acquire at four commands.
+/// The token is `max(counter + 1, now_us)`: it rises by at least one per attempt, and
+/// it never lags the server clock, so a counter that is missing (expired, lost with all
+/// data) or behind (a replica that missed the last writes) still yields a token above
+/// every one minted before, as long as the clock did not go back. The counter is
+/// swapped for the clock reading with `SET … GET` (Redis 6.2) and written again only
+/// when it was not below the clock (two grants in one microsecond, or a clock that went
+/// back), so an uncontended acquire is three commands: `TIME`, `SET … GET` and the
+/// grant's `SET NX PX`. Every attempt counts, granted or not; the counter expires
+/// `counter ttl` after the last one.
 ///
 /// A grant that a release handed to `owner` while it waited is returned as granted,
 /// with its expiry reset to a full TTL from now. A refused attempt that may wait
 /// queues `owner` (keeping its place if already queued) until the holder's remaining
 /// time plus the margin, or the end of its own wait if sooner: the score in `queue` is
-/// when it first queued (server ms), and `wants` holds `ttl_ms:until_ms:channel`.
+/// when it first queued (server ms), and `wants` holds `ttl_ms:until_ms:channel`. It
+/// also marks the grant [`WAITED_FOR`], so that its release hands it on.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW_US}
-local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-local token = string.format('%.0f', math.max(last + 1, now_us))
-if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2]) then
+local now = now_us()
+local token = string.format('%d', now)
+local last = tonumber(redis.call('SET', KEYS[2], token, 'PX', ARGV[3], 'GET') or '')
+if last and last >= now then
+  token = string.format('%d', last + 1)
   redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
-  if ARGV[4] ~= '0' then
+end
+if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2]) then
+  if ARGV[7] == '1' then
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('HDEL', KEYS[4], ARGV[1])
   end
-  return {{1, token}}
+  return tonumber(token)
 end
 local mine = ARGV[1] .. ':'
 local value = redis.call('GET', KEYS[1])
-if value and string.sub(value, 1, #mine) == mine then
+if string.sub(value, 1, #mine) == mine then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('HDEL', KEYS[4], ARGV[1])
-  return {{1, string.sub(value, #mine + 1)}}
+  if KEYS[3] then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[4], ARGV[1])
+  end
+  return tonumber(string.match(value, '(%d+)~?$', #mine + 1))
 end
 local pttl = redis.call('PTTL', KEYS[1])
-if ARGV[4] ~= '0' then
+if ARGV[4] then
+  if string.byte(value, -1) ~= 126 then
+    if pttl >= 0 then
+      redis.call('SET', KEYS[1], value .. '~', 'PX', math.max(pttl, 1))
+    else
+      redis.call('SET', KEYS[1], value .. '~')
+    end
+  end
   local ms = pttl
   if ms < 0 then ms = 1000 end
   ms = math.min(ms + tonumber(ARGV[6]), tonumber(ARGV[4]))
-  local now_ms = math.floor(now_us / 1000)
+  local now_ms = math.floor(now / 1000)
   redis.call('ZADD', KEYS[3], 'NX', now_ms, ARGV[1])
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', now_ms + ms) .. ':' .. ARGV[5])
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2] .. ':' .. string.format('%d', now_ms + ms) .. ':' .. ARGV[5])
   if redis.call('PTTL', KEYS[3]) < ms then
     redis.call('PEXPIRE', KEYS[3], ms)
     redis.call('PEXPIRE', KEYS[4], ms)
   end
 end
-return {{0, pttl}}"
+return {{pttl}}"
     ))
 });
 
@@ -122,9 +156,9 @@ return {{0, pttl}}"
 /// ttl ms, margin ms. When the name is free (or already claimed by `owner`, from an
 /// earlier attempt whose release did not arrive), claims it and counts: the counter
 /// becomes `counter + 1`, or the server time in µs when the counter is missing (or not
-/// a number), the claim is stamped `owner:count`, and `{1, count}` is returned. The
+/// a number), the claim is stamped `owner:count`, and the count is returned. The
 /// counter and the claim are written in one script, so the count is stored on the node
-/// while this claim is live there. `{0, pttl}` when held by someone else.
+/// while this claim is live there. `{pttl}` when held by someone else.
 ///
 /// The count is seeded from the clock only when missing, not floored at it on every
 /// claim, so nodes that saw the same grants hold the same count and a grant whose
@@ -136,20 +170,21 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
         r"{NOW_US}
 {OURS}
 {MARK_WAITER}
-if not ours(redis.call('GET', KEYS[1]), ARGV[1], '') then
+local value = redis.call('GET', KEYS[1])
+if value and not ours(value, ARGV[1], '') then
   local pttl = redis.call('PTTL', KEYS[1])
-  if pttl ~= -2 then
-    mark_waiter(pttl)
-    return {{0, pttl}}
-  end
+  mark_waiter(pttl)
+  return {{pttl}}
 end
-local last = tonumber(redis.call('GET', KEYS[2]) or '')
-local count = now_us
-if last then count = last + 1 end
-count = string.format('%.0f', count)
-redis.call('SET', KEYS[2], count, 'PX', ARGV[3])
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. count, 'PX', ARGV[2])
-return {{1, count}}"
+local count = redis.pcall('INCR', KEYS[2])
+if type(count) ~= 'number' or count == 1 then
+  count = now_us()
+  redis.call('SET', KEYS[2], string.format('%d', count), 'PX', ARGV[3])
+else
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. string.format('%d', count), 'PX', ARGV[2])
+return count"
     ))
 });
 
@@ -218,25 +253,31 @@ return 0"
 /// KEYS: lock, counter, queue, wants. ARGV: owner, token ('' for any), name, counter
 /// ttl ms, leave ('1': first take `owner` out of the queue).
 ///
-/// The release of one server: deletes the grant if it is ours and hands the lock to
-/// the longest-queued waiter whose entry is still live (entries past their time are
-/// dropped, at most 32 per release): its grant is made here, with a new token and the
-/// TTL it asked for, and `name NUL owner:token` is published on the channel the waiter
-/// queued with (its own backend's), so only its process hears it.
-/// `{1, 'owner:token'}` when handed on, `{1, ''}` when freed, `{0, ''}` when not ours.
-/// An uncontended release publishes nothing.
+/// The release of one server: deletes the grant if it is ours and, if it is marked
+/// [`WAITED_FOR`], hands the lock to the longest-queued waiter whose entry is still
+/// live (entries past their time are dropped, at most 32 per release): its grant is
+/// made here, with a new token minted as by `ACQUIRE` and the TTL it asked for (marked
+/// if others are still queued), and `name NUL owner:token` is published on the channel the waiter queued
+/// with (its own backend's), so only its process hears it.
+/// `{'owner:token'}` when handed on, 1 when freed, 0 when not ours. An uncontended
+/// release is two commands (`GET`, `DEL`) and publishes nothing.
 static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{OURS}
+{NOW_US}
 if ARGV[5] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[1])
 end
-if not ours(redis.call('GET', KEYS[1]), ARGV[1], ARGV[2]) then
-  return {{0, ''}}
+local value = redis.call('GET', KEYS[1])
+if not ours(value, ARGV[1], ARGV[2]) then
+  return 0
 end
 redis.call('DEL', KEYS[1])
-local now_us = nil
+if string.byte(value, -1) ~= 126 then
+  return 1
+end
+local now = nil
 for _ = 1, 32 do
   local head = redis.call('ZRANGE', KEYS[3], 0, 0)
   if #head == 0 then break end
@@ -245,24 +286,23 @@ for _ = 1, 32 do
   redis.call('ZREM', KEYS[3], next_owner)
   redis.call('HDEL', KEYS[4], next_owner)
   if wants then
-    if not now_us then
-      local clock = redis.call('TIME')
-      now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-    end
+    now = now or now_us()
     local ttl, until_ms, channel = string.match(wants, '^(%d+):(%d+):(.+)$')
     ttl = tonumber(ttl)
-    if ttl and tonumber(until_ms) * 1000 > now_us then
-      local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-      local token = string.format('%.0f', math.max(last + 1, now_us))
+    if ttl and tonumber(until_ms) * 1000 > now then
+      local last = tonumber(redis.call('GET', KEYS[2]) or '') or 0
+      local token = string.format('%d', math.max(last + 1, now))
       redis.call('SET', KEYS[2], token, 'PX', math.max(tonumber(ARGV[4]), ttl))
       local grant = next_owner .. ':' .. token
-      redis.call('SET', KEYS[1], grant, 'PX', ttl)
+      local stored = grant
+      if redis.call('ZCARD', KEYS[3]) > 0 then stored = grant .. '~' end
+      redis.call('SET', KEYS[1], stored, 'PX', ttl)
       redis.call('PUBLISH', channel, ARGV[3] .. '\0' .. grant)
-      return {{1, grant}}
+      return {{grant}}
     end
   end
 end
-return {{1, ''}}"
+return 1"
     ))
 });
 
@@ -394,9 +434,8 @@ pub struct Renewal<'a> {
 }
 
 /// Takes `name` for `owner` if free (or if a release handed it to `owner`) and mints
-/// its token (script `ACQUIRE`). With `queue = (for, channel)`, a refused attempt
-/// queues `owner` for a hand-off by the next release, for at most `for`; the grant is
-/// then published on `channel`.
+/// its token (script `ACQUIRE`). With `queue`, a refused attempt queues `owner` for a
+/// hand-off by the next release (see [`Queueing`]).
 ///
 /// # Errors
 /// The command's failure; the grant may then have been made, and `owner` queued (undo
@@ -408,27 +447,37 @@ pub async fn acquire(
     owner: &OwnerId,
     ttl: Duration,
     token_ttl: Duration,
-    queue: Option<(Duration, &str)>,
+    queue: Option<Queueing<'_>>,
 ) -> RedisResult<Attempt> {
-    let (queue_for, channel) = queue.unwrap_or((Duration::ZERO, ""));
-    let reply: (i64, String) = ACQUIRE
+    let mut invocation = ACQUIRE.prepare_invoke();
+    invocation
         .key(keys.lock(name))
         .key(keys.token(name))
-        .key(keys.queue(name))
-        .key(keys.wants(name))
         .arg(owner.as_str())
         .arg(millis_ceil(ttl))
-        .arg(millis_ceil(token_ttl.max(ttl)))
-        .arg(if queue.is_some() {
-            millis_ceil(queue_for)
-        } else {
-            0
-        })
-        .arg(channel)
-        .arg(WAITER_MARGIN_MS)
-        .invoke_async(conn)
-        .await?;
-    attempt(reply)
+        .arg(millis_ceil(token_ttl.max(ttl)));
+    if let Some(queue) = queue {
+        invocation
+            .key(keys.queue(name))
+            .key(keys.wants(name))
+            .arg(millis_ceil(queue.at_most))
+            .arg(queue.channel)
+            .arg(WAITER_MARGIN_MS)
+            .arg(if queue.queued_before { "1" } else { "0" });
+    }
+    attempt(invocation.invoke_async(conn).await?)
+}
+
+/// How a refused [`acquire`] queues its owner for a hand-off.
+#[derive(Clone, Copy, Debug)]
+pub struct Queueing<'a> {
+    /// The longest the owner stays queued (the rest of its wait).
+    pub at_most: Duration,
+    /// The channel a hand-off to the owner is published on (its backend's).
+    pub channel: &'a str,
+    /// An earlier attempt of the same wait was sent, so the owner may be queued
+    /// already (a grant then takes it out of the queue).
+    pub queued_before: bool,
 }
 
 /// What a one-server release did.
@@ -458,7 +507,7 @@ pub async fn release_handing_off(
     token_ttl: Duration,
     leave_queue: bool,
 ) -> RedisResult<Released> {
-    let (ours, grant): (i64, String) = HAND_OFF
+    let reply: Value = HAND_OFF
         .key(keys.lock(name))
         .key(keys.token(name))
         .key(keys.queue(name))
@@ -470,15 +519,20 @@ pub async fn release_handing_off(
         .arg(if leave_queue { "1" } else { "0" })
         .invoke_async(conn)
         .await?;
-    if ours != 1 {
-        return Ok(Released::NotOurs);
-    }
-    if grant.is_empty() {
-        return Ok(Released::Freed);
-    }
-    match parse_value(&grant) {
-        Some((to, Some(token))) => Ok(Released::HandedTo(to, token)),
-        _ => Err(unexpected(format!("`{grant}` is not a hand-off grant"))),
+    match reply {
+        Value::Int(0) => Ok(Released::NotOurs),
+        Value::Int(1) => Ok(Released::Freed),
+        Value::Array(ref items) => {
+            let grant = match items.as_slice() {
+                [Value::BulkString(grant)] => std::str::from_utf8(grant).ok(),
+                _ => None,
+            };
+            match grant.and_then(parse_value) {
+                Some((to, Some(token))) => Ok(Released::HandedTo(to, token)),
+                _ => Err(unexpected(format!("{reply:?} is not a hand-off grant"))),
+            }
+        }
+        other => Err(unexpected(format!("{other:?} is not a release outcome"))),
     }
 }
 
@@ -515,7 +569,7 @@ pub async fn claim(
     ttl: Duration,
     token_ttl: Duration,
 ) -> RedisResult<Attempt> {
-    let reply: (i64, String) = CLAIM
+    let reply: Value = CLAIM
         .key(keys.lock(name))
         .key(keys.token(name))
         .key(keys.waiters(name))
@@ -651,8 +705,10 @@ pub async fn admit(
     Ok(Err(parse_token(&stored)?))
 }
 
-/// Splits a stored value `owner:token` (`owner:` for a Redlock claim not yet stamped).
+/// Splits a stored value `owner:token` (`owner:` for a Redlock claim not yet stamped),
+/// ignoring a [`WAITED_FOR`] mark.
 pub fn parse_value(value: &str) -> Option<(OwnerId, Option<FencingToken>)> {
+    let value = value.strip_suffix(WAITED_FOR).unwrap_or(value);
     let (owner, token) = value.split_once(':')?;
     if owner.is_empty() {
         return None;
@@ -664,14 +720,17 @@ pub fn parse_value(value: &str) -> Option<(OwnerId, Option<FencingToken>)> {
     Some((OwnerId::from_stored(owner), token))
 }
 
-fn attempt((granted, value): (i64, String)) -> RedisResult<Attempt> {
-    if granted == 1 {
-        return Ok(Attempt::Granted(parse_token(&value)?));
+/// An acquire's or a claim's reply: the token (a positive integer) when granted,
+/// `{pttl}` when held.
+fn attempt(reply: Value) -> RedisResult<Attempt> {
+    match reply {
+        Value::Int(token) if token > 0 => Ok(Attempt::Granted(FencingToken(token.unsigned_abs()))),
+        Value::Array(ref items) => match items.as_slice() {
+            [Value::Int(pttl)] => Ok(Attempt::Held(remaining(*pttl))),
+            _ => Err(unexpected(format!("{reply:?} is not a remaining time"))),
+        },
+        other => Err(unexpected(format!("{other:?} is not a grant"))),
     }
-    let pttl: i64 = value
-        .parse()
-        .map_err(|_| unexpected(format!("`{value}` is not a remaining time")))?;
-    Ok(Attempt::Held(remaining(pttl)))
 }
 
 fn parse_token(text: &str) -> RedisResult<FencingToken> {

@@ -854,7 +854,9 @@ async fn a_waiter_that_stops_waiting_leaves_the_queue() {
 
 /// A queue entry past its time is skipped by a release; a live entry whose waiter has
 /// gone (its process died while queued) is handed the lock, which then ends at that
-/// waiter's TTL like a dead holder's.
+/// waiter's TTL like a dead holder's. The entries are written by hand behind a held
+/// grant; a real waiter then queues (marking the grant, so its release looks at the
+/// queue) and gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_queue_entries_are_skipped_and_a_vanished_waiter_holds_only_its_ttl() {
     bounded(async {
@@ -862,6 +864,10 @@ async fn stale_queue_entries_are_skipped_and_a_vanished_waiter_holds_only_its_tt
         let mut admin = operator(&server.url()).await;
         let holder = RedisBackend::open(&server.url()).await.expect("connect");
         let lock = name("vanished-waiter");
+        let lease = holder
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("free");
         let (queue, wants) = (
             format!("fencelock:queue:{lock}"),
             format!("fencelock:wants:{lock}"),
@@ -912,10 +918,24 @@ async fn stale_queue_entries_are_skipped_and_a_vanished_waiter_holds_only_its_tt
             ],
         )
         .await;
-        let lease = holder
-            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
-            .await
-            .expect("free");
+        // As a waiter's script leaves them: lasting as long as the longest entry.
+        for key in [&queue, &wants] {
+            let _: i64 = run(&mut admin, &["PEXPIRE", key, "60000"]).await;
+        }
+        let waiter = RedisBackend::open(&server.url()).await.expect("connect");
+        let gave_up = waiter
+            .acquire(request(
+                &lock,
+                Duration::from_secs(60),
+                WaitPolicy::Until(Duration::from_millis(50)),
+            ))
+            .await;
+        assert!(gave_up.is_err(), "the lock is held: {gave_up:?}");
+        assert_eq!(
+            queued(&mut admin, &lock).await,
+            2,
+            "the waiter left the queue"
+        );
         holder.release(&lease).await.expect("release");
         let state = holder
             .inspect(&lock)
