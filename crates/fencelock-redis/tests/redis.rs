@@ -192,6 +192,97 @@ async fn the_token_counter_expires_and_a_reseeded_one_still_rises() {
     .await;
 }
 
+/// A token never lags the server clock, so a counter left behind (a replica promoted
+/// after missing the last grants) still mints above every earlier token; a counter
+/// ahead of the clock (two grants in one microsecond, a clock stepped back) still
+/// rises by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_left_behind_or_ahead_of_the_clock_still_rises() {
+    bounded(async {
+        let server = server().await;
+        let backend = RedisBackend::open(&server.url()).await.expect("connect");
+        let mut admin = operator(&server.url()).await;
+        let lock = name("counter-behind");
+        let counter = backend.token_key(&lock);
+        let take = || backend.acquire(request(&lock, Duration::from_secs(5), WaitPolicy::NoWait));
+        let first = take().await.expect("acquire");
+        backend.release(&first).await.expect("release");
+
+        let _: () = run(&mut admin, &["SET", &counter, "7"]).await;
+        let second = take().await.expect("acquire");
+        backend.release(&second).await.expect("release");
+        assert!(
+            second.token() > first.token(),
+            "a counter of 7 gave {} after {}",
+            second.token(),
+            first.token()
+        );
+
+        let ahead = second.token().0 + 1_000_000_000_000;
+        let _: () = run(&mut admin, &["SET", &counter, &ahead.to_string()]).await;
+        let third = take().await.expect("acquire");
+        assert_eq!(
+            third.token().0,
+            ahead + 1,
+            "the counter ahead of the clock rises by one"
+        );
+        let stored: String = run(&mut admin, &["GET", &counter]).await;
+        assert_eq!(stored, (ahead + 1).to_string());
+    })
+    .await;
+}
+
+/// An uncontended acquire and release run exactly `TIME`, `SET … GET` (the counter),
+/// `SET NX PX` (the grant), `GET` and `DEL` in two scripts, and never read the waiters'
+/// queue: only a grant a waiter queued for (marked) makes its release look there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_cycle_runs_five_commands_and_never_reads_the_queue() {
+    bounded(async {
+        let server = server().await;
+        let backend = RedisBackend::open(&server.url()).await.expect("connect");
+        let mut admin = operator(&server.url()).await;
+        let lock = name("uncontended");
+        // Once unmeasured, so the counter exists as it does for a name in use.
+        let warm = backend
+            .acquire(request(&lock, Duration::from_secs(5), WaitPolicy::NoWait))
+            .await
+            .expect("acquire");
+        backend.release(&warm).await.expect("release");
+        let before = command_calls(&mut admin).await;
+        let lease = backend
+            .acquire(request(
+                &lock,
+                Duration::from_secs(5),
+                WaitPolicy::Until(Duration::from_secs(1)),
+            ))
+            .await
+            .expect("acquire");
+        backend.release(&lease).await.expect("release");
+        let after = command_calls(&mut admin).await;
+        let mut ran: Vec<(String, u64)> = after
+            .into_iter()
+            .filter(|(command, _)| command != "info")
+            .filter_map(|(command, calls)| {
+                let delta = calls - before.get(&command).copied().unwrap_or(0);
+                (delta > 0).then_some((command, delta))
+            })
+            .collect();
+        ran.sort();
+        let expected: Vec<(String, u64)> = [
+            ("del", 1),
+            ("evalsha", 2),
+            ("get", 1),
+            ("set", 2),
+            ("time", 1),
+        ]
+        .into_iter()
+        .map(|(command, calls)| (command.to_owned(), calls))
+        .collect();
+        assert_eq!(ran, expected);
+    })
+    .await;
+}
+
 /// Scripts run by EVALSHA and are reloaded when the server forgot them (`SCRIPT
 /// FLUSH`, or a restart): every operation still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
