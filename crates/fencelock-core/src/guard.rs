@@ -4,11 +4,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::watchdog::{Status, Watchdog};
+use crate::watchdog::{Status, StatusReceiver, Watchdog};
 use crate::{Error, FencingToken, Lease, LockName, LossReason, Result};
 
 /// How long after a lease's validity `lost()` reports it lost by itself when the
@@ -23,7 +22,7 @@ pub struct HeldLock {
     name: LockName,
     token: FencingToken,
     store: &'static str,
-    status: watch::Receiver<Status>,
+    status: StatusReceiver,
 }
 
 impl HeldLock {
@@ -41,7 +40,7 @@ impl HeldLock {
     /// validity, and its store session not suspended. `false` is final unless a
     /// suspended session comes back.
     pub fn is_held(&self) -> bool {
-        match *self.status.borrow() {
+        match self.status.current() {
             Status::Held { valid_until } => Instant::now() < valid_until,
             _ => false,
         }
@@ -50,7 +49,7 @@ impl HeldLock {
     /// Time left until the current validity ends (the watchdog extends it); zero once
     /// lost or released, and while the store session is suspended.
     pub fn remaining(&self) -> Duration {
-        match *self.status.borrow() {
+        match self.status.current() {
             Status::Held { valid_until } => valid_until.saturating_duration_since(Instant::now()),
             _ => Duration::ZERO,
         }
@@ -72,7 +71,7 @@ impl HeldLock {
                 reason,
             };
             loop {
-                let current = status.borrow_and_update().clone();
+                let current = status.see();
                 match current {
                     Status::Lost(reason) => return lost(reason),
                     Status::Released => return std::future::pending().await,
@@ -82,7 +81,7 @@ impl HeldLock {
                                 if changed.is_err() {
                                     // The sender is gone only after a release or a loss,
                                     // and a loss is always sent first.
-                                    let last = status.borrow().clone();
+                                    let last = status.current();
                                     if let Status::Lost(reason) = last {
                                         return lost(reason);
                                     }
@@ -94,7 +93,7 @@ impl HeldLock {
                             // lets a running watchdog report the precise reason first.
                             () = tokio::time::sleep_until(valid_until + LOST_FALLBACK_GRACE) => {
                                 let still = matches!(
-                                    *status.borrow(),
+                                    status.current(),
                                     Status::Held { valid_until: v } | Status::Suspended { valid_until: v } if v == valid_until
                                 );
                                 if still {
@@ -109,7 +108,7 @@ impl HeldLock {
     }
 
     fn loss_reason(&self) -> LossReason {
-        match *self.status.borrow() {
+        match self.status.current() {
             Status::Lost(reason) => reason,
             _ => LossReason::Expired,
         }
@@ -137,7 +136,7 @@ impl LockGuard {
     pub(crate) fn new(
         lease: Lease,
         id: u64,
-        status: watch::Receiver<Status>,
+        status: StatusReceiver,
         watchdog: Arc<Watchdog>,
     ) -> Self {
         Self {
