@@ -55,12 +55,29 @@ end
 pub const WAITED_FOR: char = '~';
 
 /// The server clock in microseconds since the Unix epoch (exact in a double until the
-/// year 2255). Scripts replicate by effects (the default since Redis 5, the oldest
-/// server supported), so reading the clock before writing is allowed.
+/// year 2255). Scripts replicate by effects (the only way since Redis 7, the default
+/// since 5), so reading the clock before writing is allowed.
 const NOW_US: &str = r"
 local function now_us()
   local clock = redis.call('TIME')
   return tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+";
+
+/// A single server's token for a grant made at `now` (µs): `max(counter + 1, now)`,
+/// stored as the counter `KEYS[2]` for `counter_ms`. The counter is swapped for the
+/// clock reading with `SET … GET` (Redis 6.2) and written again only when it was not
+/// below the clock (two grants in one microsecond, or a clock that went back). Defines
+/// `mint(now, counter_ms)`, which returns the token as a string.
+const MINT: &str = r"
+local function mint(now, counter_ms)
+  local token = string.format('%d', now)
+  local last = tonumber(redis.call('SET', KEYS[2], token, 'PX', counter_ms, 'GET') or '')
+  if last and last >= now then
+    token = string.format('%d', last + 1)
+    redis.call('SET', KEYS[2], token, 'PX', counter_ms)
+  end
+  return token
 end
 ";
 
@@ -85,15 +102,13 @@ end
 /// earlier attempt). The token when granted, `{pttl}` when held (pttl -1: held without
 /// expiry). An attempt that does not wait sends only what it uses.
 ///
-/// The token is `max(counter + 1, now_us)`: it rises by at least one per attempt, and
-/// it never lags the server clock, so a counter that is missing (expired, lost with all
-/// data) or behind (a replica that missed the last writes) still yields a token above
-/// every one minted before, as long as the clock did not go back. The counter is
-/// swapped for the clock reading with `SET … GET` (Redis 6.2) and written again only
-/// when it was not below the clock (two grants in one microsecond, or a clock that went
-/// back), so an uncontended acquire is three commands: `TIME`, `SET … GET` and the
-/// grant's `SET NX PX`. Every attempt counts, granted or not; the counter expires
-/// `counter ttl` after the last one.
+/// The token is minted by `MINT`, `max(counter + 1, now_us)`: it rises by at least one
+/// per attempt, and it never lags the server clock, so a counter that is missing
+/// (expired, lost with all data) or behind (a replica that missed the last writes)
+/// still yields a token above every one minted before, as long as the clock did not go
+/// back. An uncontended acquire is three commands: `TIME`, `SET … GET` and the grant's
+/// `SET NX PX`. Every attempt counts, granted or not; the counter expires `counter ttl`
+/// after the last one.
 ///
 /// A grant that a release handed to `owner` while it waited is returned as granted,
 /// with its expiry reset to a full TTL from now. A refused attempt that may wait
@@ -104,13 +119,9 @@ end
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW_US}
+{MINT}
 local now = now_us()
-local token = string.format('%d', now)
-local last = tonumber(redis.call('SET', KEYS[2], token, 'PX', ARGV[3], 'GET') or '')
-if last and last >= now then
-  token = string.format('%d', last + 1)
-  redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
-end
+local token = mint(now, ARGV[3])
 if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2]) then
   if ARGV[7] == '1' then
     redis.call('ZREM', KEYS[3], ARGV[1])
@@ -130,7 +141,7 @@ if string.sub(value, 1, #mine) == mine then
 end
 local pttl = redis.call('PTTL', KEYS[1])
 if ARGV[4] then
-  if string.byte(value, -1) ~= 126 then
+  if string.sub(value, -1) ~= '~' then
     if pttl >= 0 then
       redis.call('SET', KEYS[1], value .. '~', 'PX', math.max(pttl, 1))
     else
@@ -256,7 +267,7 @@ return 0"
 /// The release of one server: deletes the grant if it is ours and, if it is marked
 /// [`WAITED_FOR`], hands the lock to the longest-queued waiter whose entry is still
 /// live (entries past their time are dropped, at most 32 per release): its grant is
-/// made here, with a new token minted as by `ACQUIRE` and the TTL it asked for (marked
+/// made here, with a new token from `MINT` and the TTL it asked for (marked
 /// if others are still queued), and `name NUL owner:token` is published on the channel the waiter queued
 /// with (its own backend's), so only its process hears it.
 /// `{'owner:token'}` when handed on, 1 when freed, 0 when not ours. An uncontended
@@ -265,6 +276,7 @@ static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{OURS}
 {NOW_US}
+{MINT}
 if ARGV[5] == '1' then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[1])
@@ -274,7 +286,7 @@ if not ours(value, ARGV[1], ARGV[2]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
-if string.byte(value, -1) ~= 126 then
+if string.sub(value, -1) ~= '~' then
   return 1
 end
 local now = nil
@@ -290,10 +302,7 @@ for _ = 1, 32 do
     local ttl, until_ms, channel = string.match(wants, '^(%d+):(%d+):(.+)$')
     ttl = tonumber(ttl)
     if ttl and tonumber(until_ms) * 1000 > now then
-      local last = tonumber(redis.call('GET', KEYS[2]) or '') or 0
-      local token = string.format('%d', math.max(last + 1, now))
-      redis.call('SET', KEYS[2], token, 'PX', math.max(tonumber(ARGV[4]), ttl))
-      local grant = next_owner .. ':' .. token
+      local grant = next_owner .. ':' .. mint(now, math.max(tonumber(ARGV[4]), ttl))
       local stored = grant
       if redis.call('ZCARD', KEYS[3]) > 0 then stored = grant .. '~' end
       redis.call('SET', KEYS[1], stored, 'PX', ttl)
