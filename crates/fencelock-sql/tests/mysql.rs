@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 mod common;
 
-use common::{HOUR, MINUTE, ServerStore, bounded, name, request};
+use common::{HOUR, MINUTE, ServerStore, bounded, eventually, name, request};
 
 /// The MySQL/MariaDB store, for the shared test bodies.
 struct MySql;
@@ -390,15 +390,8 @@ async fn session_mode_a_cancelled_get_lock_wait_is_killed_and_never_takes_the_lo
         let (id, _) = get_lock_waiter(&operator).await;
         waiting.abort();
         assert!(waiting.await.unwrap_err().is_cancelled());
-        // The cancelled acquire's server session is ended (bounded: 1,000 × 20 ms).
-        let mut gone = false;
-        for _ in 0..1000 {
-            if !session_exists(&operator, id).await {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // The cancelled acquire's server session is ended.
+        let gone = session_ends(&operator, id).await;
         // On failure, say what the session was doing: still waiting in `GET_LOCK` means
         // the kill never reached it.
         let waits = get_lock_waits(&operator).await;
@@ -443,15 +436,12 @@ async fn session_mode_a_wait_deadline_is_get_locks_timeout() {
             named_lock_holder(&operator, "deadline").await,
             Some(holder_id)
         );
-        let mut left = get_lock_waits(&operator).await;
-        for _ in 0..1000 {
-            if left.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            left = get_lock_waits(&operator).await;
-        }
-        assert!(left.is_empty(), "GET_LOCK still running: {left:?}");
+        let done = eventually(|| async { get_lock_waits(&operator).await.is_empty() }).await;
+        assert!(
+            done,
+            "GET_LOCK still running: {:?}",
+            get_lock_waits(&operator).await
+        );
         holder.release(&held).await.unwrap();
         let next = waiter.acquire(request("deadline", MINUTE)).await.unwrap();
         assert!(next.token() > held.token());
@@ -476,28 +466,36 @@ async fn counters(probe: &mut sqlx::MySqlConnection) -> (i64, i64) {
     (value("Questions"), value("Connections"))
 }
 
+/// A client of `server` with `options` (each `&name=value`) and one pooled connection (so it never opens
+/// another one, whose setup `SET` would count, while a released one is on its way
+/// back), warmed up by two cycles on `counted` (its connection open, its statements
+/// prepared); the operator; and a probe connection for [`counters`], whose own cost
+/// (one question per read) is checked, not assumed.
+async fn counted_client(
+    server: &MariaDb,
+    options: &str,
+) -> (MySqlBackend, MySqlBackend, sqlx::MySqlConnection) {
+    let client = MySqlBackend::open(&format!("{}?pool_size=1{options}", server.url()))
+        .await
+        .unwrap();
+    let operator = open(server).await;
+    let mut probe = operator.pool().acquire().await.unwrap().detach();
+    for _ in 0..2 {
+        let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
+        client.release(&lease).await.unwrap();
+    }
+    let first = counters(&mut probe).await;
+    let second = counters(&mut probe).await;
+    assert_eq!((second.0 - first.0, second.1 - first.1), (1, 0));
+    (client, operator, probe)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_mode_acquire_and_release_are_exactly_two_statements() {
     use sqlx::Connection;
     bounded(async {
         let server = server().await;
-        // One pooled connection: the client never opens another one (whose setup
-        // `SET` would count) while a released one is on its way back to the pool.
-        let client = MySqlBackend::open(&format!("{}?pool_size=1", server.url()))
-            .await
-            .unwrap();
-        let operator = open(&server).await;
-        let mut probe = operator.pool().acquire().await.unwrap().detach();
-        // Warm up: the pool's connection is open and the statements are prepared.
-        for _ in 0..2 {
-            let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
-            client.release(&lease).await.unwrap();
-        }
-        // The probe's own cost: reading twice with nothing between counts one
-        // question, the second read. Checked, not assumed.
-        let first = counters(&mut probe).await;
-        let second = counters(&mut probe).await;
-        assert_eq!((second.0 - first.0, second.1 - first.1), (1, 0));
+        let (client, _operator, mut probe) = counted_client(&server, "").await;
         let rounds = 5;
         let before = counters(&mut probe).await;
         for _ in 0..rounds {
@@ -525,16 +523,9 @@ async fn connections_accepted(operator: &MySqlBackend) -> i64 {
     value.parse().unwrap()
 }
 
-/// Waits until server session `id` has ended (checked every 10 ms, at most 1,000
-/// times); whether it did.
+/// Waits (bounded) until server session `id` has ended; whether it did.
 async fn session_ends(operator: &MySqlBackend, id: i64) -> bool {
-    for _ in 0..1000 {
-        if !session_exists(operator, id).await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
+    eventually(|| async { !session_exists(operator, id).await }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,16 +696,11 @@ async fn session_mode_a_waiter_dropped_while_its_token_bump_waits_does_not_keep_
             .execute(operator.pool())
             .await
             .unwrap();
-        let mut blocked = false;
-        for _ in 0..1000 {
-            if named_lock_holder(&operator, "bump").await == Some(id)
+        let blocked = eventually(|| async {
+            named_lock_holder(&operator, "bump").await == Some(id)
                 && waits_for_a_row(&operator, id).await
-            {
-                blocked = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
         assert!(
             blocked,
             "session {id} never held the lock and waited for the row"
@@ -748,23 +734,8 @@ async fn session_mode_release_clears_the_owner_and_frees_the_lock_in_one_stateme
     use sqlx::Connection;
     bounded(async {
         let server = server().await;
-        // One pooled connection: the client never opens another one (whose setup
-        // `SET` would count); the lock's connection is kept between cycles.
-        let client = MySqlBackend::open(&format!("{}?mode=session&pool_size=1", server.url()))
-            .await
-            .unwrap();
-        let operator = open(&server).await;
-        let mut probe = operator.pool().acquire().await.unwrap().detach();
-        // Warm up: the kept connection's server session is known, its statements
-        // prepared.
-        for _ in 0..2 {
-            let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
-            client.release(&lease).await.unwrap();
-        }
-        // The probe's own cost: one question per read. Checked, not assumed.
-        let first = counters(&mut probe).await;
-        let second = counters(&mut probe).await;
-        assert_eq!((second.0 - first.0, second.1 - first.1), (1, 0));
+        // The lock's connection is kept between cycles, its server session known.
+        let (client, operator, mut probe) = counted_client(&server, "&mode=session").await;
         for round in 0..4 {
             let mut req = request("counted", MINUTE);
             if round % 2 == 1 {

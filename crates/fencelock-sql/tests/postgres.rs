@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 mod common;
 
-use common::{HOUR, MINUTE, ServerStore, bounded, name, request};
+use common::{HOUR, MINUTE, ServerStore, bounded, eventually, name, request};
 
 /// The Postgres store, for the shared test bodies.
 struct Pg;
@@ -355,15 +355,8 @@ async fn session_mode_a_cancelled_waiter_leaves_the_queue_and_never_takes_the_lo
         let (pid, _) = waiting_session(&operator, "cancel").await;
         waiting.abort();
         assert!(waiting.await.unwrap_err().is_cancelled());
-        // The cancelled acquire's server session is ended (bounded: 1,000 × 20 ms).
-        let mut gone = false;
-        for _ in 0..1000 {
-            if !session_exists(&operator, pid).await {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // The cancelled acquire's server session is ended.
+        let gone = session_ends(&operator, pid).await;
         assert!(gone, "the cancelled waiter's session {pid} still exists");
         // Nobody queues any more; after the release the lock is free for anyone.
         let entries = advisory_entries(&operator, "cancel").await;
@@ -453,23 +446,30 @@ async fn statements_of_locker(operator: &PostgresBackend) -> i64 {
     .unwrap()
 }
 
+/// The operator (running as `postgres`) and a client of `server` with `options` whose
+/// every statement runs as role `locker`, so [`statements_of_locker`] counts exactly
+/// the client's.
+async fn locker_client(server: &Postgres, options: &str) -> (PostgresBackend, PostgresBackend) {
+    let operator = open(server).await;
+    for statement in [
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        "CREATE ROLE locker LOGIN SUPERUSER",
+    ] {
+        sqlx::query(statement)
+            .execute(operator.pool())
+            .await
+            .unwrap();
+    }
+    let url = format!("{}{options}", server.url().replace("postgres@", "locker@"));
+    let client = PostgresBackend::open(&url).await.unwrap();
+    (operator, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_mode_acquire_and_release_are_exactly_two_statements() {
     bounded(async {
         let server = server().await;
-        let operator = open(&server).await;
-        for statement in [
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
-            "CREATE ROLE locker LOGIN SUPERUSER",
-        ] {
-            sqlx::query(statement)
-                .execute(operator.pool())
-                .await
-                .unwrap();
-        }
-        // Every statement of this client runs as `locker`, the probe as `postgres`.
-        let url = server.url().replace("postgres@", "locker@");
-        let client = PostgresBackend::open(&url).await.unwrap();
+        let (operator, client) = locker_client(&server, "").await;
         // Warm up: the pool's connection is open and the statements are prepared.
         for _ in 0..2 {
             let lease = client.acquire(request("counted", MINUTE)).await.unwrap();
@@ -508,16 +508,9 @@ async fn advisory_holder(operator: &PostgresBackend, key: &str) -> (i32, i64) {
     .unwrap()
 }
 
-/// Waits until server session `pid` has ended (checked every 10 ms, at most 1,000
-/// times); whether it did.
+/// Waits (bounded) until server session `pid` has ended; whether it did.
 async fn session_ends(operator: &PostgresBackend, pid: i32) -> bool {
-    for _ in 0..1000 {
-        if !session_exists(operator, pid).await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
+    eventually(|| async { !session_exists(operator, pid).await }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,14 +684,7 @@ async fn session_mode_a_waiter_dropped_while_its_token_bump_waits_does_not_keep_
             .await
             .unwrap();
         assert!(ended);
-        let mut blocked = false;
-        for _ in 0..1000 {
-            if holds_and_waits_for_a_row(&operator, "bump", pid).await {
-                blocked = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let blocked = eventually(|| holds_and_waits_for_a_row(&operator, "bump", pid)).await;
         assert!(
             blocked,
             "session {pid} never held the lock and waited for the row"
@@ -721,21 +707,7 @@ async fn session_mode_a_waiter_dropped_while_its_token_bump_waits_does_not_keep_
 async fn session_mode_acquire_and_release_on_a_kept_connection_are_exactly_two_statements() {
     bounded(async {
         let server = server().await;
-        let operator = open(&server).await;
-        for statement in [
-            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
-            "CREATE ROLE locker LOGIN SUPERUSER",
-        ] {
-            sqlx::query(statement)
-                .execute(operator.pool())
-                .await
-                .unwrap();
-        }
-        let url = format!(
-            "{}?mode=session",
-            server.url().replace("postgres@", "locker@")
-        );
-        let client = PostgresBackend::open(&url).await.unwrap();
+        let (operator, client) = locker_client(&server, "?mode=session").await;
         // Warm up: the connection is kept and its statements are prepared.
         for wait in [false, true, false, true] {
             let mut req = request("counted", MINUTE);

@@ -495,6 +495,28 @@ mod tests {
         row.map(|row| (row.get(0), row.get(1)))
     }
 
+    /// Runs the lock statement of `key` for owner `a`: trying when `wait` is `None`,
+    /// else waiting that long (as `lock_timeout` text).
+    async fn lock(
+        conn: &mut PgConnection,
+        queries: &SessionQueries,
+        key: &str,
+        wait: Option<&str>,
+    ) -> sqlx::Result<Option<PgRow>> {
+        let query = match wait {
+            None => sqlx::query(&queries.try_lock).bind(key).bind("a"),
+            Some(wait) => sqlx::query(&queries.lock).bind(key).bind("a").bind(wait),
+        };
+        query.fetch_optional(conn).await
+    }
+
+    async fn lock_timeout(conn: &mut PgConnection) -> String {
+        sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    }
+
     /// Both lock statements take the advisory lock exactly once (a CTE run twice, or
     /// a bump without its lock, would show), bump the counter by one, and report the
     /// session; the waiting one leaves no `lock_timeout` behind, also when it times
@@ -510,54 +532,27 @@ mod tests {
             .fetch_one(&mut conn)
             .await
             .unwrap();
-        let tried = sqlx::query(&queries.try_lock)
-            .bind("k")
-            .bind("a")
-            .fetch_optional(&mut conn)
-            .await
-            .unwrap();
+        let tried = lock(&mut conn, &queries, "k", None).await.unwrap();
         let (first, on) = token(tried).unwrap();
         assert_eq!(on, pid);
         assert_eq!(holds(&mut conn, "k").await, 1);
-        let waited = sqlx::query(&queries.lock)
-            .bind("k")
-            .bind("a")
-            .bind("1000ms")
-            .fetch_optional(&mut conn)
+        let waited = lock(&mut conn, &queries, "k", Some("1000ms"))
             .await
             .unwrap();
         assert_eq!(token(waited), Some((first + 1, pid)));
         assert_eq!(holds(&mut conn, "k").await, 1);
-        let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(timeout, "0");
+        assert_eq!(lock_timeout(&mut conn).await, "0");
         // Held by another session: the try takes nothing, the wait times out.
         let mut other = backend.pool().acquire().await.unwrap().detach();
         let _: PgQueryResult = sqlx::query("SELECT pg_advisory_lock(hashtextextended('k', 0))")
             .execute(&mut other)
             .await
             .unwrap();
-        let tried = sqlx::query(&queries.try_lock)
-            .bind("k")
-            .bind("a")
-            .fetch_optional(&mut conn)
-            .await
-            .unwrap();
+        let tried = lock(&mut conn, &queries, "k", None).await.unwrap();
         assert!(tried.is_none());
-        let waited = sqlx::query(&queries.lock)
-            .bind("k")
-            .bind("a")
-            .bind("50ms")
-            .fetch_optional(&mut conn)
-            .await;
+        let waited = lock(&mut conn, &queries, "k", Some("50ms")).await;
         assert!(waited.as_ref().is_err_and(is_lock_timeout), "{waited:?}");
-        let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(timeout, "0");
+        assert_eq!(lock_timeout(&mut conn).await, "0");
         assert_eq!(holds(&mut conn, "k").await, 0);
         let row: i64 = sqlx::query_scalar(&format!(
             r#"SELECT token FROM "{}" WHERE name = 'k'"#,

@@ -23,6 +23,22 @@ pub(crate) async fn bounded<F: Future>(body: F) -> F::Output {
         .expect("the test finished within 90s")
 }
 
+/// Whether `check` turns true, looking every 20 ms, at most 1,000 times (so every wait
+/// on the server's state is bounded).
+pub(crate) async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..1000 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 pub(crate) fn name(text: &str) -> LockName {
     LockName::new(text).unwrap()
 }
