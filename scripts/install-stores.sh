@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs the store servers the test suite starts on loopback (Debian packages), plus
-# protoc for the etcd client, openssl (test certificates for rediss://), pgbouncer (the
+# protoc and the well-known protos (libprotobuf-dev) for the etcd client, openssl (test certificates for rediss://), pgbouncer (the
 # pooling-proxy test), faketime (the wrong-client-clock test) and a JDK when javac is
 # missing (the Curator-layout interop test). Idempotent: installs only what is missing.
 #
 #   scripts/install-stores.sh
 set -euo pipefail
 
-packages=(redis-server etcd-server etcd-client zookeeper mariadb-server mariadb-client postgresql postgresql-client protobuf-compiler pgbouncer faketime openssl)
+packages=(redis-server etcd-server etcd-client zookeeper mariadb-server mariadb-client postgresql postgresql-client protobuf-compiler libprotobuf-dev pgbouncer faketime openssl)
 
 missing=()
 for pkg in "${packages[@]}"; do
