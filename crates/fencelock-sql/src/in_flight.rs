@@ -28,7 +28,9 @@ pub(crate) trait UndoAcquire: Clone + Send + Sync + 'static {
 
 /// An acquire statement whose outcome its caller has not seen yet. Dropped unsettled
 /// (the acquire future was dropped mid-statement, or the statement failed), it frees
-/// whatever the statement may have granted, by owner, as if it had been applied.
+/// whatever the statement may have granted, by owner, as if it had been applied. A
+/// statement the database rolled back (a lock conflict) is settled instead: it granted
+/// nothing, and the undo would race the retry's grant, which has the same owner.
 ///
 /// The cleanup runs on the same connection, which finishes the statement it undoes
 /// before it runs the next, so it cannot overtake it.

@@ -78,7 +78,7 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     fn is_temporary(err: &sqlx::Error) -> bool;
 
     /// Whether the database rolled the statement back to break a lock conflict: it did
-    /// nothing, and running it again is the cure.
+    /// nothing (so a failed acquire needs no undo), and running it again is the cure.
     fn is_lock_conflict(_err: &sqlx::Error) -> bool {
         false
     }
@@ -317,11 +317,23 @@ impl<D: Dialect> LeaseStore<D> {
             conn: Some(conn),
         };
         let sent = Instant::now();
-        let granted = self
+        let granted = match self
             .inner
             .dialect
             .acquire(in_flight.connection(), key, &req.owner, req.ttl)
-            .await?;
+            .await
+        {
+            Ok(granted) => granted,
+            Err(err) if D::is_lock_conflict(&err) => {
+                // The database rolled the statement back: it granted nothing, so there
+                // is nothing to undo. An undo sent now could also reach the row after
+                // the retry's grant (same owner) and clear it.
+                in_flight.settle();
+                return Err(err.into());
+            }
+            // Dropping `in_flight` undoes whatever the statement may have granted.
+            Err(err) => return Err(err.into()),
+        };
         let token = match granted {
             None => {
                 in_flight.settle();

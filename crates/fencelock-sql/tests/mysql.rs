@@ -899,3 +899,77 @@ async fn session_mode_a_lock_statement_that_fails_after_taking_the_lock_leaves_i
     })
     .await;
 }
+
+/// A global status counter of the server.
+async fn global_status(operator: &MySqlBackend, name: &str) -> i64 {
+    let (_, value): (String, String) = sqlx::query_as(&format!("SHOW GLOBAL STATUS LIKE '{name}'"))
+        .fetch_one(operator.pool())
+        .await
+        .unwrap();
+    value.parse().unwrap()
+}
+
+/// An acquire statement that InnoDB rolled back (here a lock wait timeout, 1205) did
+/// nothing, so its retry runs without an undo: an undo sent after such a failure
+/// (`UPDATE .. SET owner = NULL`, by owner, on the failed statement's connection) can
+/// reach the row after the retry's grant and clear the fresh grant, which carries the
+/// same owner. The row lock an operator transaction holds makes the first attempt fail
+/// deterministically; the client sends no UPDATE at all, and the grant stays ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_a_lock_conflict_retry_sends_no_undo_that_could_clear_its_own_grant() {
+    use sqlx::Connection;
+    bounded(async {
+        let server = server().await;
+        let operator = open(&server).await;
+        // Every session opened from now on gives up a row lock wait after 1 s.
+        sqlx::query("SET GLOBAL innodb_lock_wait_timeout = 1")
+            .execute(operator.pool())
+            .await
+            .unwrap();
+        let client = MySqlBackend::open(&server.url()).await.unwrap();
+        let first = operator.acquire(request("conflict", MINUTE)).await.unwrap();
+        operator.release(&first).await.unwrap();
+        // The operator's transaction holds the row: the client's acquire waits for it.
+        let mut blocker = operator.pool().acquire().await.unwrap().detach();
+        let mut tx = blocker.begin().await.unwrap();
+        sqlx::query(&format!(
+            "SELECT token FROM `{}` WHERE name = ? FOR UPDATE",
+            operator.table()
+        ))
+        .bind("conflict".as_bytes())
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let waits = global_status(&operator, "Innodb_row_lock_waits").await;
+        let updates = global_status(&operator, "Com_update").await;
+        let acquiring = {
+            let client = client.clone();
+            tokio::spawn(async move { client.acquire(request("conflict", MINUTE)).await })
+        };
+        // The first attempt waited, timed out (1205) and a second wait began: the
+        // retry's (the undo's, too, if one was sent).
+        assert!(
+            eventually(|| async {
+                global_status(&operator, "Innodb_row_lock_waits").await >= waits + 2
+            })
+            .await,
+            "the acquire never retried after a lock wait timeout"
+        );
+        tx.commit().await.unwrap();
+        let lease = acquiring.await.unwrap().expect("the retry was granted");
+        assert!(lease.token() > first.token());
+        assert_eq!(
+            global_status(&operator, "Com_update").await - updates,
+            0,
+            "an undo UPDATE was sent for an attempt that InnoDB had rolled back"
+        );
+        let state = operator.inspect(&name("conflict")).await.unwrap().unwrap();
+        assert_eq!(
+            (state.holder, state.token),
+            (lease.owner().clone(), lease.token())
+        );
+        client.renew(&lease, MINUTE).await.unwrap();
+        blocker.close().await.unwrap();
+    })
+    .await;
+}
