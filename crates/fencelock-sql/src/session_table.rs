@@ -263,16 +263,24 @@ impl<C: Connection + 'static> SessionLocks<C> {
 
     /// Ends `held` once its TTL passes without a renewal. Runs until then or until
     /// the lock is released (which aborts it).
+    ///
+    /// A renewal probes with the connection's mutex held and extends the TTL before
+    /// it lets go: so the TTL is judged again once the mutex is ours, and a renewal
+    /// that succeeded while this timer fired keeps its connection.
     async fn expire(self: Arc<Self>, owner: String, held: Arc<Held<C>>) {
-        loop {
+        let mut conn = loop {
             let ends_at = *locked(&held.ends_at);
             tokio::time::sleep_until(ends_at).await;
-            if *locked(&held.ends_at) <= Instant::now() {
-                break;
+            if *locked(&held.ends_at) > Instant::now() {
+                continue;
             }
-        }
+            let conn = held.conn.lock().await;
+            if *locked(&held.ends_at) <= Instant::now() {
+                break conn;
+            }
+        };
         self.forget(&owner, &held);
-        close(held.conn.lock().await.take()).await;
+        close(conn.take()).await;
         tracing::debug!(
             key = held.key,
             store = self.store,
@@ -311,6 +319,13 @@ impl<C: Connection + 'static> SessionLocks<C> {
         };
         let mut conn = held.conn.lock().await;
         let sent = Instant::now();
+        if *locked(&held.ends_at) <= sent {
+            // The TTL ran out before this renewal got the connection (the timer that
+            // closes it waits for this mutex): too late to extend it.
+            self.forget(lease.owner().as_str(), &held);
+            close(conn.take()).await;
+            return Err(self.lost(lease, LossReason::Expired));
+        }
         let alive = match conn.as_mut() {
             Some(conn) => statements.probe(conn, key, held.session).await,
             None => false,

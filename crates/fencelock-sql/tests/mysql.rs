@@ -973,3 +973,43 @@ async fn lease_mode_a_lock_conflict_retry_sends_no_undo_that_could_clear_its_own
     })
     .await;
 }
+
+/// In session mode a renewal that succeeds keeps the lock: the backend's TTL timer,
+/// which fires while the renewal's probe is still on its way (the server is paused
+/// across the old TTL's end), looks again once it has the connection and finds the
+/// TTL extended, instead of closing the connection (and so freeing the lock) just
+/// after the renewal reported success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_renewal_that_succeeds_as_the_ttl_ends_keeps_the_lock() {
+    bounded(async {
+        let server = server().await;
+        let client = MySqlBackend::open(&format!("{}?mode=session", server.url()))
+            .await
+            .unwrap();
+        let operator = open(&server).await;
+        let ttl = Duration::from_secs(2);
+        let lease = client.acquire(request("renewed", ttl)).await.unwrap();
+        // The backend's TTL ends at the latest `ttl` after this.
+        let granted = Instant::now();
+        let session = named_lock_holder(&operator, "renewed").await.unwrap();
+        tokio::time::sleep_until(granted + ttl / 2).await;
+        server.pause().unwrap();
+        let renewing = {
+            let (client, lease) = (client.clone(), lease.clone());
+            tokio::spawn(async move { client.renew(&lease, ttl).await })
+        };
+        // The old TTL ends while the probe waits for the paused server.
+        tokio::time::sleep_until(granted + ttl + Duration::from_millis(200)).await;
+        server.resume().unwrap();
+        let renewed = renewing
+            .await
+            .unwrap()
+            .expect("the probe found the lock held");
+        // The renewal said the lock is held for another TTL: it is, and renews again.
+        let again = client.renew(&renewed, ttl).await;
+        assert!(again.is_ok(), "renewed, then lost at once: {again:?}");
+        assert_eq!(named_lock_holder(&operator, "renewed").await, Some(session));
+        client.release(&again.unwrap()).await.unwrap();
+    })
+    .await;
+}
