@@ -5,13 +5,19 @@
 //! ephemeral-sequential child `_c_{uuid}-lock-NNNNNNNNNN` (Curator's "protected"
 //! name). The child with the lowest sequence number holds the lock; every other
 //! child watches only the child just before its own.
+//!
+//! Every child whose name ends in a 10-digit sequence number (what ZooKeeper appends
+//! to a sequential node, from the parent's counter) is a contender, whatever comes
+//! before it: Curator's nodes (`…lock-NNNNNNNNNN`), and kazoo's `Lock` nodes
+//! (`{uuid}__lock__NNNNNNNNNN`) too, so a lock held by a Python service through kazoo
+//! excludes ours. kazoo counts our nodes when given `extra_lock_patterns=["-lock-"]`.
 
 use std::fmt::Write;
 
 /// What follows the uuid in a lock node's name, before the sequence number.
 const LOCK_MARK: &str = "-lock-";
-/// What precedes the sequence number in every lock node's name, protected or not.
-const SEQUENCE_MARK: &str = "lock-";
+/// How many digits ZooKeeper appends to a sequential node's name (`%010d`).
+const SEQUENCE_DIGITS: usize = 10;
 /// Curator's prefix of protected node names.
 const PROTECTED: &str = "_c_";
 
@@ -40,10 +46,14 @@ pub(crate) fn node_prefix(dir: &str, uuid: &str) -> String {
     format!("{dir}/{PROTECTED}{uuid}{LOCK_MARK}")
 }
 
-/// The sequence number of a lock node's name, `None` for a child that is no lock node.
+/// The sequence number of a contender's node: the 10 digits ZooKeeper appended to
+/// its name, whatever the name (ours, Curator's, kazoo's); `None` for a child without
+/// them, which is no contender.
 pub(crate) fn sequence(child: &str) -> Option<i64> {
-    let (_, digits) = child.rsplit_once(SEQUENCE_MARK)?;
-    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+    let digits = child.get(child.len().checked_sub(SEQUENCE_DIGITS)?..)?;
+    digits
+        .bytes()
+        .all(|b| b.is_ascii_digit())
         .then(|| digits.parse().ok())
         .flatten()
 }
@@ -114,6 +124,11 @@ mod tests {
             "_c_c-lock-0000000011".to_owned(),
             // Curator without protection: sorted by sequence like the others.
             "lock-0000000005".to_owned(),
+            // kazoo's Lock: a contender too, by its sequence.
+            "8d2b6c1e0f9a4e0b9c3d2a1b0c9d8e7f__lock__0000000007".to_owned(),
+            // Not 10 digits at the end: no contender.
+            "snapshot-42".to_owned(),
+            "x-lock-12345678901a".to_owned(),
         ];
         let line = queue(children);
         assert_eq!(
@@ -121,6 +136,7 @@ mod tests {
             [
                 "_c_a-lock-0000000002",
                 "lock-0000000005",
+                "8d2b6c1e0f9a4e0b9c3d2a1b0c9d8e7f__lock__0000000007",
                 "_c_b-lock-0000000010",
                 "_c_c-lock-0000000011"
             ]
@@ -130,9 +146,17 @@ mod tests {
             place(&line, "_c_c-lock-0000000011"),
             Place::After("_c_b-lock-0000000010")
         );
+        // Ours right after kazoo's node waits for it.
+        assert_eq!(
+            place(&line, "_c_b-lock-0000000010"),
+            Place::After("8d2b6c1e0f9a4e0b9c3d2a1b0c9d8e7f__lock__0000000007")
+        );
         assert_eq!(place(&line, "_c_z-lock-0000000001"), Place::Gone);
         assert!(is_ours("_c_b-lock-0000000010", "b"));
         assert_eq!(sequence("x-lock-"), None);
+        assert_eq!(sequence("0000000003"), Some(3));
+        assert_eq!(sequence("é-lock-000000003"), None);
+        assert_eq!(sequence("é123456789"), None);
         assert_eq!(node_prefix("/r/n", "u"), "/r/n/_c_u-lock-");
     }
 }
