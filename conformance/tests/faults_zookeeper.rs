@@ -1,6 +1,8 @@
 //! ZooKeeper's own fault rules, against real servers: session expiry, a short
-//! disconnect, a lost create reply, a recreated parent node, a 50-waiter line, the
-//! requests of an uncontended acquire+release, and a 3-node ensemble losing its leader.
+//! disconnect, a cut-off holder told it lost before the next waiter is granted, a
+//! release whose outcome is unknown, a lost create reply, a recreated parent node, a
+//! 50-waiter line, the requests of an uncontended acquire+release, and a 3-node
+//! ensemble losing its leader.
 //! Checks that neither stop the server nor count its metrics share one; the others
 //! start their own.
 
@@ -16,7 +18,7 @@ use fencelock_core::{
     MemoryFenceGate, StoreEvent, WaitPolicy,
 };
 use fencelock_zookeeper::ZooKeeperBackend;
-use fencelock_zookeeper::zookeeper_client::Client;
+use fencelock_zookeeper::zookeeper_client::{Client, EventType};
 use tokio::time::{Instant, timeout};
 
 static SERVER: tokio::sync::OnceCell<ZooKeeper> = tokio::sync::OnceCell::const_new();
@@ -634,4 +636,171 @@ async fn server_paused_past_the_session_timeout_loses_the_lock() {
 async fn inspect_holder(hosts: &str, name: &LockName) -> Option<fencelock_core::LockState> {
     let observer = backend(hosts).await;
     observer.inspect(name).await.expect("inspect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_holder_is_told_it_lost_before_the_next_waiter_is_granted() {
+    // Rule: a holder cut off from the server is told it lost the lock (`lost()`
+    // resolves, `is_held()` is false) before the server expires its session and so
+    // grants the next waiter, whatever the TTL: one guard whose TTL is 1.5 times the
+    // session timeout and one whose TTL is 10 times it. The order is asserted on
+    // instants recorded at the events: the holder's loss, and the deletion of its node
+    // (the server grants the waiter by deleting it), seen by an operator's watch.
+    let server = shared().await;
+    let hosts = server.addr().to_string();
+    let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+    let a = backend(&proxy.addr().to_string()).await;
+    let holder = locker(&a);
+    let session = a.session_timeout().expect("session");
+    let zk = operator(&hosts).await;
+    let mut cases = Vec::new();
+    for ttl in [session * 3 / 2, session * 10] {
+        let n = name("cut-off");
+        let guard = holder.lock(&n).ttl(ttl).await.expect("lock");
+        let node = guard.lease().locator().expect("node path").to_owned();
+        let lost = guard.lost();
+        let lost_at = tokio::spawn(async move {
+            let err = lost.await;
+            (Instant::now(), err)
+        });
+        let (stat, watch) = zk.check_and_watch_stat(&node).await.expect("watch");
+        assert!(stat.is_some(), "the holder's node exists");
+        let deleted_at = tokio::spawn(async move {
+            let event = watch.changed().await;
+            (Instant::now(), event.event_type)
+        });
+        let w = backend(&hosts).await;
+        let waiter = {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let lease = w.acquire(request(&n, WaitPolicy::Forever)).await;
+                (Instant::now(), lease, w)
+            })
+        };
+        let dir = a.lock_path(&n);
+        let mut queued = false;
+        for _ in 0..400 {
+            if zk.list_children(&dir).await.expect("list").len() == 2 {
+                queued = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(queued, "the waiter never queued");
+        cases.push((ttl, guard, lost_at, deleted_at, waiter));
+    }
+    proxy.set(Fault::Blackhole);
+    let cut_at = Instant::now();
+    let mut failures = Vec::new();
+    for (ttl, guard, lost_at, deleted_at, waiter) in cases {
+        let (lost_at, err) = timeout(STEP, lost_at)
+            .await
+            .expect("the cut-off holder is told it lost within the step")
+            .expect("task");
+        assert!(matches!(err, Error::Lost { .. }), "{err:?}");
+        assert!(!guard.is_held(), "lost, yet held");
+        let (deleted_at, kind) = timeout(STEP, deleted_at)
+            .await
+            .expect("the server expires the session within the step")
+            .expect("task");
+        assert_eq!(
+            kind,
+            EventType::NodeDeleted,
+            "the holder's node was deleted"
+        );
+        let (granted_at, lease, w) = timeout(STEP, waiter)
+            .await
+            .expect("the waiter is granted within the step")
+            .expect("task");
+        let lease = lease.expect("the waiter is granted");
+        assert!(lease.token() > guard.token(), "czxid did not rise");
+        w.release(&lease).await.expect("release");
+        let since = |at: Instant| at.saturating_duration_since(cut_at);
+        eprintln!(
+            "ttl {ttl:?}, session {session:?}: holder told it lost {:?} after the cut, \
+             its node deleted after {:?}, waiter granted after {:?} ({err})",
+            since(lost_at),
+            since(deleted_at),
+            since(granted_at)
+        );
+        if lost_at >= deleted_at {
+            failures.push(format!(
+                "ttl {ttl:?}: the holder was told it lost {:?} after the cut, but the \
+                 server had deleted its node (granting the waiter) {:?} after it",
+                since(lost_at),
+                since(deleted_at)
+            ));
+        }
+    }
+    proxy.set(Fault::Pass);
+    assert!(failures.is_empty(), "{}", failures.join("; "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_with_an_unknown_outcome_deletes_the_node_while_the_session_lives() {
+    // Rule: a release whose delete got no answer (the connection broke with the
+    // request swallowed, after the grant's TTL task had ended) still deletes the node
+    // while the session lives: the next client is granted while the holder's session
+    // is still the same, live one.
+    let server = shared().await;
+    let hosts = server.addr().to_string();
+    let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+    let a = backend(&proxy.addr().to_string()).await;
+    let b = backend(&hosts).await;
+    let n = name("release-unknown");
+    // A short TTL: the grant's TTL task wakes at a third of it (to arm its deletion
+    // watch) while the release below is in flight, finds the grant gone and ends.
+    let ttl = Duration::from_millis(1500);
+    let lease = timeout(
+        STEP,
+        a.acquire(AcquireRequest::new(n.clone(), ttl).unwrap()),
+    )
+    .await
+    .expect("step")
+    .expect("acquire a free lock");
+    let session = a.session().expect("a session").id().0;
+    let session_timeout = a.session_timeout().expect("session");
+    proxy.set(Fault::Blackhole);
+    let releasing = {
+        let (a, lease) = (Arc::clone(&a), lease.clone());
+        tokio::spawn(async move { a.release(&lease).await })
+    };
+    // The delete is swallowed; past the TTL task's wake-up, the connection breaks and
+    // the client sees a connection loss: the release's outcome is unknown to it.
+    tokio::time::sleep(ttl / 3 + Duration::from_millis(200)).await;
+    proxy.set(Fault::Reset);
+    let released = timeout(STEP, releasing)
+        .await
+        .expect("the release ends once the connection broke")
+        .expect("task");
+    proxy.set(Fault::Pass);
+    if let Err(err) = &released {
+        assert!(
+            err.is_temporary(),
+            "an unknown outcome is temporary: {err:?}"
+        );
+    }
+    let granted = timeout(
+        STEP,
+        b.acquire(request(&n, WaitPolicy::Until(session_timeout * 2))),
+    )
+    .await
+    .expect("step");
+    assert_eq!(
+        a.session().map(|s| s.id().0),
+        Some(session),
+        "the holder's session ended: its node went with the session"
+    );
+    let next = granted.unwrap_or_else(|err| {
+        panic!(
+            "the node of a release whose outcome was unknown ({released:?}) was still there \
+             {:?} later while the holder's session lived: {err}",
+            session_timeout * 2
+        )
+    });
+    // The holder's session still serves: its node went by the retried delete.
+    a.inspect(&n).await.expect("the holder's session serves");
+    assert_eq!(a.session().map(|s| s.id().0), Some(session));
+    assert!(next.token() > lease.token());
+    b.release(&next).await.expect("release");
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use fencelock_core::{
     AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
     LockState, LossReason, OwnerId, Result, StoreEvent, WaitDeadline, WaitKind, async_trait,
-    valid_until,
 };
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -45,13 +44,22 @@ const MAX_CREATE_ATTEMPTS: usize = 5;
 ///   the grant's TTL runs out without a renewal (as long as this process runs). A
 ///   renewal writes nothing: it reads the node's stat. A grant held for a third of
 ///   its TTL also watches its node, so a deletion by someone else is reported at once.
+/// - **Renewal**: one `sync` (through the leader) and a read of each node's stat, sent
+///   together; the new validity is capped at the session's deadline (see the crate
+///   docs) when the TTL allows.
 /// - **Release**: a versioned delete of our node; through another backend than the
-///   one that granted it, after checking the node's `czxid` is the lease's token.
+///   one that granted it, after checking the node's `czxid` is the lease's token. A
+///   delete whose outcome is unknown is retried in the background (backoff 50 ms to
+///   1 s, bounded) while the session lives.
 ///   Renewals must go through the granting backend (it keeps the TTL).
+/// - **Contenders**: every child with ZooKeeper's 10-digit sequence suffix, so kazoo's
+///   `Lock` nodes count too.
 /// - **Session**: one per backend. Disconnected sends [`StoreEvent::Suspended`],
 ///   reconnected [`StoreEvent::Resumed`], expired [`StoreEvent::SessionLost`] (every
 ///   grant lost) and the next call builds a fresh session; our node deleted by someone
-///   else sends [`StoreEvent::LeaseLost`].
+///   else sends [`StoreEvent::LeaseLost`]. A session that carries grants and has had
+///   no `sync` or write answered for three quarters of its timeout is given up the
+///   same way (and closed), before the server could expire it.
 pub struct ZooKeeperBackend {
     sessions: Sessions,
     wakeups: Arc<AtomicU64>,
@@ -92,6 +100,17 @@ fn lost(lease: &Lease) -> Error {
         token: lease.token(),
         reason: LossReason::NotOurs,
     }
+}
+
+/// An acquisition whose session ended (expired, or given up unanswered) while it ran.
+fn session_ended(what: String) -> Error {
+    Error::backend(
+        STORE,
+        what,
+        true,
+        "the ZooKeeper session ended meanwhile (expired, or unanswered for three quarters \
+         of its timeout); its node goes with it, and the next attempt builds a fresh session",
+    )
 }
 
 fn token_of(stat: &zookeeper_client::Stat) -> FencingToken {
@@ -167,10 +186,12 @@ impl ZooKeeperBackend {
         let parent = CreateMode::Persistent.with_acls(Acls::anyone_all());
         let mut last = None;
         for _ in 0..MAX_CREATE_ATTEMPTS {
-            match client
+            let sent = Instant::now();
+            let created = client
                 .create(&prefix, owner.as_str().as_bytes(), &ephemeral)
-                .await
-            {
+                .await;
+            node.session.answered(sent, &created);
+            match created {
                 Ok((stat, sequence)) => {
                     let path = format!("{prefix}{sequence}");
                     node.path = Some(path.clone());
@@ -190,7 +211,10 @@ impl ZooKeeperBackend {
                     };
                 }
                 Err(zookeeper_client::Error::NoNode) => {
-                    match client.mkdir(&node.dir, &parent).await {
+                    let sent = Instant::now();
+                    let made = client.mkdir(&node.dir, &parent).await;
+                    node.session.answered(sent, &made);
+                    match made {
                         Ok(()) | Err(zookeeper_client::Error::NodeExists) => {}
                         Err(err) => return Err(zk_error(format!("{what}: create parents"), err)),
                     }
@@ -237,6 +261,9 @@ async fn find_ours(
 ) -> std::result::Result<Option<(String, zookeeper_client::Stat)>, zookeeper_client::Error> {
     let until = Instant::now() + retry_window(session);
     loop {
+        if session.is_ended() {
+            return Err(zookeeper_client::Error::SessionExpired);
+        }
         let attempt = async {
             let children = match session.client.list_children(dir).await {
                 Ok(children) => children,
@@ -263,6 +290,9 @@ async fn find_ours(
 async fn delete_ours(session: &Session, dir: &str, uuid: &str, path: Option<String>) {
     let until = Instant::now() + retry_window(session);
     loop {
+        if session.is_ended() {
+            return; // its nodes go with it
+        }
         let path = match path.clone() {
             Some(path) => Some(path),
             None => match find_ours(session, dir, uuid).await {
@@ -278,6 +308,45 @@ async fn delete_ours(session: &Session, dir: &str, uuid: &str, path: Option<Stri
             _ => return,
         }
     }
+}
+
+/// The most times a release's delete whose outcome was unknown is retried.
+const MAX_DELETE_RETRIES: usize = 40;
+
+/// Retries the delete of a released grant's node after a delete whose outcome was
+/// unknown: with backoff (50 ms, doubling up to 1 s), at most [`MAX_DELETE_RETRIES`]
+/// times, while the session lives (when it ends, the node goes with it). Done once
+/// the node is gone or is no longer this grant's; then forgets the grant.
+async fn retry_delete(grants: Arc<Grants>, session: Arc<Session>, path: String, grant: Grant) {
+    let mut pause = Duration::from_millis(50);
+    let mut version = grant.version;
+    for _ in 0..MAX_DELETE_RETRIES {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = session.ended() => break,
+        }
+        pause = (pause * 2).min(Duration::from_secs(1));
+        let sent = Instant::now();
+        let deleted = session.client.delete(&path, Some(version)).await;
+        session.answered(sent, &deleted);
+        match deleted {
+            Ok(()) | Err(zookeeper_client::Error::NoNode) => break,
+            // Someone wrote to our node: delete it if it is still ours.
+            Err(zookeeper_client::Error::BadVersion) => {
+                match session.client.check_stat(&path).await {
+                    Ok(Some(stat)) if token_of(&stat) == grant.token => version = stat.version,
+                    Ok(_) => break,
+                    Err(_) => {}
+                }
+            }
+            Err(err) if outcome_unknown(&err) => {}
+            Err(err) => {
+                tracing::debug!(lock = %grant.name, %err, "zookeeper release retry gave up");
+                break;
+            }
+        }
+    }
+    grants.remove_if(&path, grant.token);
 }
 
 /// Our node while an acquisition is in progress: deleted in the background if the
@@ -361,6 +430,7 @@ async fn keep(
             }
             () = arming => None,
             event = &mut watch => Some(event),
+            () = session.ended() => return, // the session monitor reports it
         };
         arm_at = None;
         if event
@@ -440,15 +510,28 @@ impl LockBackend for ZooKeeperBackend {
         let client = &session.client;
         for _ in 0..MAX_WAIT_ROUNDS {
             let sent = Instant::now();
-            let children = match client.list_children(&node.dir).await {
+            // After a quiet spell (a long wait), a sync goes first: the listing then
+            // shows what the leader has, and its answer moves the session's deadline.
+            // Both are sent now; ZooKeeper answers a session's requests in order.
+            let sync = session.quiet().then(|| client.sync(&node.dir));
+            let listing = client.list_children(&node.dir);
+            if let Some(sync) = sync {
+                let synced = sync.await;
+                session.answered(sent, &synced);
+            }
+            let children = match listing.await {
                 Ok(children) => children,
                 Err(err) => return Err(zk_error(what, err)),
             };
             let line = recipe::queue(children);
             let before = match recipe::place(&line, &ours) {
+                Place::First if session.is_ended() => {
+                    node.settled = true; // the node goes with the session
+                    return Err(session_ended(what));
+                }
                 Place::First => {
                     node.settled = true;
-                    let valid = valid_until(sent, req.ttl);
+                    let valid = session.validity(sent, req.ttl);
                     let token = token_of(&stat);
                     self.register(
                         &session,
@@ -484,11 +567,18 @@ impl LockBackend for ZooKeeperBackend {
                 Ok((None, _)) => continue, // went between the listing and the watch
                 Err(err) => return Err(zk_error(what, err)),
             };
-            let woken = match deadline.deadline() {
-                Some(at) => tokio::time::timeout_at(at, watch.changed()).await.is_ok(),
-                None => {
-                    watch.changed().await;
-                    true
+            let until = async {
+                match deadline.deadline() {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let woken = tokio::select! {
+                _ = watch.changed() => true,
+                () = until => false,
+                () = session.ended() => {
+                    node.settled = true; // the node goes with the session
+                    return Err(session_ended(what));
                 }
             };
             if !woken {
@@ -502,29 +592,80 @@ impl LockBackend for ZooKeeperBackend {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let mut renewed = self.renew_all(&[(lease.clone(), ttl)]).await;
+        renewed.pop().unwrap_or_else(|| Err(lost(lease)))
+    }
+
+    /// Sends one `sync` per session (through the leader, so its answer moves the
+    /// session's deadline and the reads after it show what the leader has), then a
+    /// read of each lease's node, all at once: ZooKeeper answers a session's requests
+    /// in order, so a tick costs one round trip.
+    async fn renew_all(&self, leases: &[(Lease, Duration)]) -> Vec<Result<Lease>> {
         let sent = Instant::now();
-        let path = lease.locator().ok_or_else(|| lost(lease))?;
         let grants = &self.sessions.grants;
-        let grant = grants.get(path, lease.token()).ok_or_else(|| lost(lease))?;
-        let Some(session) = grant.session.upgrade().filter(|s| !s.is_ended()) else {
-            grants.remove(path);
-            return Err(lost(lease));
-        };
-        match session.client.check_stat(path).await {
-            Ok(Some(stat)) if token_of(&stat) == lease.token() => {
-                let valid = valid_until(sent, ttl);
-                if grants.extend(path, lease.token(), valid) {
-                    Ok(lease.clone().renewed(valid))
-                } else {
+        let sessions: Vec<Result<Arc<Session>>> = leases
+            .iter()
+            .map(|(lease, _)| {
+                let path = lease.locator().ok_or_else(|| lost(lease))?;
+                let grant = grants.get(path, lease.token()).ok_or_else(|| lost(lease))?;
+                match grant.session.upgrade().filter(|s| !s.is_ended()) {
+                    Some(session) => Ok(session),
+                    None => {
+                        grants.remove(path);
+                        Err(lost(lease))
+                    }
+                }
+            })
+            .collect();
+        let mut distinct: Vec<&Arc<Session>> = Vec::new();
+        for session in sessions.iter().flatten() {
+            if !distinct.iter().any(|s| Arc::ptr_eq(s, session)) {
+                distinct.push(session);
+            }
+        }
+        let syncs: Vec<_> = distinct
+            .iter()
+            .map(|session| (*session, session.client.sync("/")))
+            .collect();
+        let reads: Vec<_> = sessions
+            .iter()
+            .zip(leases)
+            .map(|(session, (lease, _))| {
+                let session = session.as_ref().ok()?;
+                Some(session.client.check_stat(lease.locator()?))
+            })
+            .collect();
+        for (session, sync) in syncs {
+            let answer = sync.await;
+            session.answered(sent, &answer);
+        }
+        let mut results = Vec::with_capacity(leases.len());
+        for ((session, read), (lease, ttl)) in sessions.iter().zip(reads).zip(leases) {
+            let (session, read) = match (session, read) {
+                (Ok(session), Some(read)) => (session, read),
+                _ => {
+                    results.push(Err(lost(lease)));
+                    continue;
+                }
+            };
+            let path = lease.locator().unwrap_or_default();
+            results.push(match read.await {
+                Ok(Some(stat)) if token_of(&stat) == lease.token() => {
+                    let valid = session.validity(sent, *ttl);
+                    if grants.extend(path, lease.token(), valid) {
+                        Ok(lease.clone().renewed(valid))
+                    } else {
+                        Err(lost(lease))
+                    }
+                }
+                Ok(_) | Err(zookeeper_client::Error::SessionExpired) => {
+                    grants.remove(path);
                     Err(lost(lease))
                 }
-            }
-            Ok(_) | Err(zookeeper_client::Error::SessionExpired) => {
-                grants.remove(path);
-                Err(lost(lease))
-            }
-            Err(err) => Err(zk_error(format!("renew `{}`", lease.name()), err)),
+                Err(err) => Err(zk_error(format!("renew `{}`", lease.name()), err)),
+            });
         }
+        results
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -552,7 +693,10 @@ impl LockBackend for ZooKeeperBackend {
         };
         // Out of the table first, so the keeper does not report our own delete.
         grants.remove(path);
-        match session.client.delete(path, Some(grant.version)).await {
+        let sent = Instant::now();
+        let deleted = session.client.delete(path, Some(grant.version)).await;
+        session.answered(sent, &deleted);
+        match deleted {
             Ok(()) => Ok(()),
             Err(zookeeper_client::Error::NoNode) => Err(lost(lease)),
             Err(zookeeper_client::Error::BadVersion) => {
@@ -567,8 +711,26 @@ impl LockBackend for ZooKeeperBackend {
                     Err(err) => Err(zk_error(what, err)),
                 }
             }
+            Err(err) if outcome_unknown(&err) => {
+                // The delete may or may not have been applied, and the grant's TTL task
+                // may have ended already (it ends when it finds the grant gone): keep
+                // the grant and retry the delete while the session lives.
+                grants.insert(path.to_owned(), grant.clone());
+                tokio::spawn(retry_delete(
+                    Arc::clone(grants),
+                    session,
+                    path.to_owned(),
+                    grant,
+                ));
+                Err(zk_error(
+                    format!(
+                        "{what} (outcome unknown; the delete is retried in the background while the session lives)"
+                    ),
+                    err,
+                ))
+            }
             Err(err) => {
-                // Unknown outcome: keep the grant so a retry (or the TTL) deletes it.
+                // Keep the grant so a retry (or the TTL) deletes it.
                 grants.insert(path.to_owned(), grant);
                 Err(zk_error(what, err))
             }

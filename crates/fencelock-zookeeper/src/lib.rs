@@ -24,9 +24,11 @@
 //! - **Mutual exclusion** comes from ZooKeeper: among the ephemeral-sequential nodes
 //!   under `{root}/{escaped name}`, the lowest sequence holds. Holders using Curator's
 //!   `InterProcessMutex` (or any client using that layout) on the same path exclude
-//!   ours and ours exclude them. Names are escaped into one path component (letters,
-//!   digits, `-` and `_` stay; any other byte becomes `%XX`), so Curator must use the
-//!   escaped path.
+//!   ours and ours exclude them. Every child with a 10-digit sequence suffix counts,
+//!   whatever its name, so kazoo's `Lock` (`{uuid}__lock__NNNNNNNNNN`) excludes ours
+//!   too; kazoo counts ours when given `extra_lock_patterns=["-lock-"]`. Names are
+//!   escaped into one path component (letters, digits, `-` and `_` stay; any other
+//!   byte becomes `%XX`), so Curator and kazoo must use the escaped path.
 //! - **Tokens** are the lock node's `czxid`: higher for every later grant, including
 //!   after the lock's parent node was deleted and recreated.
 //! - **Waiting** is by watch on the node just before ours: one release wakes one
@@ -38,9 +40,21 @@
 //! - **Disconnected** is uncertain: guards report not held (`StoreEvent::Suspended`)
 //!   until the session is back; **expired** is lost: every guard reports it
 //!   (`StoreEvent::SessionLost`) and the next acquisition builds a fresh session.
+//! - **The session's deadline**: the server may expire a session it has not heard
+//!   from for the session timeout and grant its locks to others, before the client
+//!   library says so. While it carries grants, the backend keeps the session answered
+//!   (a `sync` whenever nothing went through the leader for a sixth of the timeout)
+//!   and gives it up (every guard lost, the session closed) once three quarters of the
+//!   timeout, less the drift allowance, have passed since the last answered `sync` or
+//!   write was sent: before the server can grant anyone else.
 //! - The grant's validity (`Lease::valid_until`) is measured from the request that
-//!   saw us lowest, by the local clock; a holder that pauses past it must rely on the
-//!   token being fenced.
+//!   saw us lowest (or the renewal's read, after a `sync`), by the local clock, and is
+//!   capped at the session's deadline when the TTL is short enough for the watchdog's
+//!   renewals (every third of the TTL) to keep up with it (a TTL up to about 1.7 times
+//!   the session timeout); a longer TTL relies on the backend's report at that
+//!   deadline. A holder that pauses past it must rely on the token being fenced.
+//! - **Release**: a delete whose outcome is unknown (the connection broke) is retried
+//!   in the background with backoff while the session lives.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
