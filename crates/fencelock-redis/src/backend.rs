@@ -12,7 +12,7 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use crate::connection::{self, backend_error};
-use crate::scripts::{self, Attempt, KeySpace, Queueing, Released, Renewal};
+use crate::scripts::{self, Attempt, Handed, KeySpace, Queueing, Released, Renewal};
 use crate::wake::{Handoffs, WakeListener, Wakers};
 use crate::{RedisConfig, RedisFenceGate, STORE};
 
@@ -51,8 +51,8 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 /// - **release**: `DEL` the key if it still holds exactly `{owner}:{token}`, then hand
 ///   the lock to the longest-queued waiter whose entry is live: grant it in the same
 ///   script (new token, the TTL it asked for) and
-///   `PUBLISH {prefix}handoff:{id} "{name}\0{owner}:{token}"` on the channel of the
-///   waiter's backend. An uncontended release publishes nothing.
+///   `PUBLISH {prefix}handoff:{id} "{name}\0{owner}:{token}\0{attempt}"` on the channel
+///   of the waiter's backend. An uncontended release publishes nothing.
 ///
 /// Validity is computed on this side from the instant the request was sent
 /// ([`valid_until`]); the TTL runs on the server from when it ran the script, which is
@@ -81,10 +81,15 @@ const LONGEST_RETRY: Duration = Duration::from_secs(1);
 /// on a channel of its own, `{prefix}handoff:{random id}`, named in its waiters' queue
 /// entries, so a hand-off reaches only the process that waits for it, which hands the
 /// waiter its token. The hand-off costs the release's round trip and the message, and
-/// the waiter sends nothing. Its validity counts from the send of
-/// its last refused attempt (the grant came after that attempt ran); if less than half
-/// the TTL is left when the message arrives, the waiter confirms with one more attempt,
-/// which restarts the TTL. Other waiters keep their places and are not woken.
+/// the waiter sends nothing. Each attempt writes its id in the waiter's entry, and the
+/// message echoes the id it read: the waiter takes only a hand-off of its latest
+/// attempt, which the release therefore made after that attempt ran, so its validity
+/// counts from that attempt's send. A message from an earlier attempt is dropped: its
+/// grant came before the latest attempt, which did not see it, so it was already gone
+/// (expired while the waiter stalled, or freed by the undo of an attempt whose reply
+/// was lost). If less than half the TTL is left when the message arrives, the waiter
+/// confirms with one more attempt, which restarts the TTL. Other waiters keep their
+/// places and are not woken.
 ///
 /// An expiry hands nothing on, so a waiter also looks again (and re-queues) when the
 /// holder's remaining time has passed; whoever asks first then takes the free lock, so
@@ -226,13 +231,11 @@ impl RedisBackend {
     }
 
     /// One attempt: the lease if granted, else how long the holder keeps it. With
-    /// `queue_for`, a refused attempt queues the owner for a hand-off; `queued_before`
-    /// says an earlier attempt of the same wait was sent (so the owner may be queued).
+    /// `queue`, a refused attempt queues the owner for a hand-off.
     async fn attempt(
         &self,
         req: &AcquireRequest,
-        queue_for: Option<Duration>,
-        queued_before: bool,
+        queue: Option<Queued>,
     ) -> Result<std::result::Result<Lease, Option<Duration>>> {
         let mut conn = self.inner.conn.clone();
         let in_flight = InFlight {
@@ -248,10 +251,11 @@ impl RedisBackend {
             &req.owner,
             req.ttl,
             self.inner.config.token_ttl,
-            queue_for.map(|at_most| Queueing {
-                at_most,
+            queue.map(|queue| Queueing {
+                at_most: queue.at_most,
                 channel: self.inner.channel.as_str(),
-                queued_before,
+                queued_before: queue.queued_before,
+                attempt: queue.attempt,
             }),
         )
         .await;
@@ -339,7 +343,7 @@ impl LockBackend for RedisBackend {
         let deadline = WaitDeadline::start(req.wait);
         if !deadline.may_wait() {
             return self
-                .attempt(&req, None, false)
+                .attempt(&req, None)
                 .await?
                 .map_err(|_| deadline.give_up(&req.name, STORE));
         }
@@ -363,11 +367,24 @@ impl LockBackend for RedisBackend {
             let released = waiter.notify().notified();
             // Queued for as long as this wait may last, capped in the script by the
             // holder's remaining time plus a margin.
-            let queue_for = deadline.deadline().map_or(QUEUE_FOREVER, |at| {
+            let at_most = deadline.deadline().map_or(QUEUE_FOREVER, |at| {
                 at.saturating_duration_since(Instant::now())
             });
+            // From now on only a hand-off that read this attempt's queue entry is
+            // delivered: one made before this attempt ran and lost before it (this
+            // attempt does not see it) grants nothing, however late its message comes.
+            let attempt_id = handoff.expect_next();
             let sent = Instant::now();
-            let attempt = self.attempt(&req, Some(queue_for), queued_before).await;
+            let attempt = self
+                .attempt(
+                    &req,
+                    Some(Queued {
+                        at_most,
+                        queued_before,
+                        attempt: attempt_id,
+                    }),
+                )
+                .await;
             queued_before = true;
             let remaining = match attempt {
                 Ok(Ok(lease)) => {
@@ -413,9 +430,9 @@ impl LockBackend for RedisBackend {
             tokio::select! {
                 handed = &mut handoff.receiver => {
                     if let Ok(token) = handed {
-                        // Granted by a release that ran after this attempt did (an
-                        // earlier one would have made the attempt see the grant), so
-                        // the TTL counts from no earlier than this attempt's send.
+                        // Granted by a release that read this attempt's queue entry, so
+                        // ran after it, and the TTL counts from no earlier than this
+                        // attempt's send.
                         let lease = Lease::new(req.name.clone(), req.owner.clone(), token, valid_until(sent, req.ttl));
                         if lease.remaining() > req.ttl / 2 {
                             queued.settle();
@@ -424,7 +441,6 @@ impl LockBackend for RedisBackend {
                         // Delivered late (this process was slow): the next attempt sees
                         // the grant and restarts its TTL.
                     }
-                    handoff = self.inner.handoffs.register(&req.owner);
                 }
                 () = released => {}
                 () = tokio::time::sleep_until(deadline.cap(Instant::now() + fallback)) => {}
@@ -497,6 +513,17 @@ impl LockBackend for RedisBackend {
             remaining,
         }))
     }
+}
+
+/// How a waiting acquire's attempt queues its owner when refused.
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    /// The longest the owner stays queued (the rest of its wait).
+    at_most: Duration,
+    /// An earlier attempt of the same wait was sent (so the owner may be queued).
+    queued_before: bool,
+    /// The attempt's id, which a hand-off that reads its queue entry echoes.
+    attempt: u64,
 }
 
 /// An acquire whose outcome its caller has not seen yet: one attempt in flight, or a
@@ -585,10 +612,17 @@ impl RedisBackend {
                 self.inner.wakers.wake(name);
                 true
             }
-            Released::HandedTo(owner, token) => {
-                self.inner.handoffs.deliver(&owner, token);
+            Released::HandedTo(Handed {
+                owner,
+                token,
+                attempt: Some(attempt),
+            }) => {
+                self.inner.handoffs.deliver(&owner, attempt, token);
                 true
             }
+            // Handed to an entry of an older acquire script: its waiter hears the
+            // published message, or looks again at its fallback.
+            Released::HandedTo(Handed { attempt: None, .. }) => true,
         }
     }
 }

@@ -99,8 +99,8 @@ end
 /// KEYS: lock, counter, and, for an attempt that may queue, queue and wants. ARGV:
 /// owner, ttl ms, counter ttl ms, and, for an attempt that may queue, queue ms, the
 /// waiter's hand-off channel, margin ms, queued ('1': `owner` may be queued from an
-/// earlier attempt). The token when granted, `{pttl}` when held (pttl -1: held without
-/// expiry). An attempt that does not wait sends only what it uses.
+/// earlier attempt), the attempt's id. The token when granted, `{pttl}` when held (pttl
+/// -1: held without expiry). An attempt that does not wait sends only what it uses.
 ///
 /// The token is minted by `MINT`, `max(counter + 1, now_us)`: it rises by at least one
 /// per attempt, and it never lags the server clock, so a counter that is missing
@@ -114,8 +114,10 @@ end
 /// with its expiry reset to a full TTL from now. A refused attempt that may wait
 /// queues `owner` (keeping its place if already queued) until the holder's remaining
 /// time plus the margin, or the end of its own wait if sooner: the score in `queue` is
-/// when it first queued (server ms), and `wants` holds `ttl_ms:until_ms:channel`. It
-/// also marks the grant [`WAITED_FOR`], so that its release hands it on.
+/// when it first queued (server ms), and `wants` holds
+/// `attempt/ttl_ms:until_ms:channel`, rewritten by each attempt, so a hand-off names
+/// the attempt it followed. It also marks the grant [`WAITED_FOR`], so that its release
+/// hands it on.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW_US}
@@ -153,7 +155,7 @@ if ARGV[4] then
   ms = math.min(ms + tonumber(ARGV[6]), tonumber(ARGV[4]))
   local now_ms = math.floor(now / 1000)
   redis.call('ZADD', KEYS[3], 'NX', now_ms, ARGV[1])
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2] .. ':' .. string.format('%d', now_ms + ms) .. ':' .. ARGV[5])
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[8] .. '/' .. ARGV[2] .. ':' .. string.format('%d', now_ms + ms) .. ':' .. ARGV[5])
   if redis.call('PTTL', KEYS[3]) < ms then
     redis.call('PEXPIRE', KEYS[3], ms)
     redis.call('PEXPIRE', KEYS[4], ms)
@@ -268,10 +270,14 @@ return 0"
 /// [`WAITED_FOR`], hands the lock to the longest-queued waiter whose entry is still
 /// live (entries past their time are dropped, at most 32 per release): its grant is
 /// made here, with a new token from `MINT` and the TTL it asked for (marked
-/// if others are still queued), and `name NUL owner:token` is published on the channel the waiter queued
-/// with (its own backend's), so only its process hears it.
-/// `{'owner:token'}` when handed on, 1 when freed, 0 when not ours. An uncontended
-/// release is two commands (`GET`, `DEL`) and publishes nothing.
+/// if others are still queued), and `name NUL owner:token NUL attempt` is published on
+/// the channel the waiter queued with (its own backend's), so only its process hears
+/// it; `attempt` is the id of the waiter's attempt that wrote the entry, so the waiter
+/// can tell a hand-off that followed its latest attempt from an older one. An entry
+/// without an attempt id (`ttl_ms:until_ms:channel`, from an older acquire script) is
+/// handed the lock with a message without one. `{'owner:token', 'attempt'}` when
+/// handed on, 1 when freed, 0 when not ours. An uncontended release is two commands
+/// (`GET`, `DEL`) and publishes nothing.
 static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{OURS}
@@ -299,13 +305,20 @@ for _ = 1, 32 do
   redis.call('HDEL', KEYS[4], next_owner)
   if wants then
     now = now or now_us()
-    local ttl, until_ms, channel = string.match(wants, '^(%d+):(%d+):(.+)$')
+    local attempt, ttl, until_ms, channel = string.match(wants, '^(%d+)/(%d+):(%d+):(.+)$')
+    if not attempt then
+      ttl, until_ms, channel = string.match(wants, '^(%d+):(%d+):(.+)$')
+    end
     ttl = tonumber(ttl)
     if ttl and tonumber(until_ms) * 1000 > now then
       local grant = next_owner .. ':' .. mint(now, math.max(tonumber(ARGV[4]), ttl))
       local stored = grant
       if redis.call('ZCARD', KEYS[3]) > 0 then stored = grant .. '~' end
       redis.call('SET', KEYS[1], stored, 'PX', ttl)
+      if attempt then
+        redis.call('PUBLISH', channel, ARGV[3] .. '\0' .. grant .. '\0' .. attempt)
+        return {{grant, attempt}}
+      end
       redis.call('PUBLISH', channel, ARGV[3] .. '\0' .. grant)
       return {{grant}}
     end
@@ -403,7 +416,8 @@ impl KeySpace {
         format!("{}queue:{name}", self.prefix)
     }
 
-    /// `{prefix}wants:{name}`: each queued owner's TTL and the end of its entry.
+    /// `{prefix}wants:{name}`: each queued owner's latest attempt, TTL and the end of
+    /// its entry.
     pub fn wants(&self, name: &str) -> String {
         format!("{}wants:{name}", self.prefix)
     }
@@ -472,7 +486,8 @@ pub async fn acquire(
             .arg(millis_ceil(queue.at_most))
             .arg(queue.channel)
             .arg(WAITER_MARGIN_MS)
-            .arg(if queue.queued_before { "1" } else { "0" });
+            .arg(if queue.queued_before { "1" } else { "0" })
+            .arg(queue.attempt);
     }
     attempt(invocation.invoke_async(conn).await?)
 }
@@ -487,6 +502,9 @@ pub struct Queueing<'a> {
     /// An earlier attempt of the same wait was sent, so the owner may be queued
     /// already (a grant then takes it out of the queue).
     pub queued_before: bool,
+    /// This attempt's id ([`Handoff::expect_next`](crate::wake::Handoff::expect_next)),
+    /// written in the queue entry and echoed by a hand-off that reads it.
+    pub attempt: u64,
 }
 
 /// What a one-server release did.
@@ -496,8 +514,20 @@ pub enum Released {
     NotOurs,
     /// Deleted; nobody was queued.
     Freed,
-    /// Deleted and handed to this queued owner with this token.
-    HandedTo(OwnerId, FencingToken),
+    /// Deleted and handed to a queued owner.
+    HandedTo(Handed),
+}
+
+/// A grant a release handed to a queued waiter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handed {
+    /// The waiter it was handed to.
+    pub owner: OwnerId,
+    /// The grant's token.
+    pub token: FencingToken,
+    /// The id of the waiter's attempt whose queue entry the release read; `None` for an
+    /// entry or a message of an older script, which carries none.
+    pub attempt: Option<u64>,
 }
 
 /// Releases `owner`'s grant of `name` (with `token`, or any token when `None`) on one
@@ -532,12 +562,23 @@ pub async fn release_handing_off(
         Value::Int(0) => Ok(Released::NotOurs),
         Value::Int(1) => Ok(Released::Freed),
         Value::Array(ref items) => {
-            let grant = match items.as_slice() {
-                [Value::BulkString(grant)] => std::str::from_utf8(grant).ok(),
-                _ => None,
+            let (grant, attempt) = match items.as_slice() {
+                [Value::BulkString(grant)] => (std::str::from_utf8(grant).ok(), Some(None)),
+                [Value::BulkString(grant), Value::BulkString(attempt)] => (
+                    std::str::from_utf8(grant).ok(),
+                    std::str::from_utf8(attempt)
+                        .ok()
+                        .and_then(|a| a.parse().ok())
+                        .map(Some),
+                ),
+                _ => (None, None),
             };
-            match grant.and_then(parse_value) {
-                Some((to, Some(token))) => Ok(Released::HandedTo(to, token)),
+            match (grant.and_then(parse_value), attempt) {
+                (Some((owner, Some(token))), Some(attempt)) => Ok(Released::HandedTo(Handed {
+                    owner,
+                    token,
+                    attempt,
+                })),
                 _ => Err(unexpected(format!("{reply:?} is not a hand-off grant"))),
             }
         }
@@ -545,22 +586,36 @@ pub async fn release_handing_off(
     }
 }
 
-/// Splits a release message: the freed name, and the grant `(owner, token)` if the
-/// release handed the lock on (`name NUL owner:token`).
-pub fn parse_release_message(payload: &[u8]) -> Option<(&str, Option<(OwnerId, FencingToken)>)> {
+/// Splits a release message: the freed name, and the grant if the release handed the
+/// lock on (`name NUL owner:token NUL attempt`, or `name NUL owner:token` from an older
+/// script).
+pub fn parse_release_message(payload: &[u8]) -> Option<(&str, Option<Handed>)> {
     let (name, grant) = match payload.iter().position(|&b| b == 0) {
         Some(at) => (&payload[..at], Some(&payload[at + 1..])),
         None => (payload, None),
     };
     let name = std::str::from_utf8(name).ok()?;
-    let grant = match grant {
-        None => None,
-        Some(grant) => match parse_value(std::str::from_utf8(grant).ok()?)? {
-            (owner, Some(token)) => Some((owner, token)),
-            (_, None) => return None,
-        },
+    let Some(grant) = grant else {
+        return Some((name, None));
     };
-    Some((name, grant))
+    let (grant, attempt) = match grant.iter().position(|&b| b == 0) {
+        Some(at) => {
+            let attempt = std::str::from_utf8(&grant[at + 1..]).ok()?.parse().ok()?;
+            (&grant[..at], Some(attempt))
+        }
+        None => (grant, None),
+    };
+    match parse_value(std::str::from_utf8(grant).ok()?)? {
+        (owner, Some(token)) => Some((
+            name,
+            Some(Handed {
+                owner,
+                token,
+                attempt,
+            }),
+        )),
+        (_, None) => None,
+    }
 }
 
 /// Redlock's first phase on one node: claims `name` for `owner` if free, counts, and
@@ -797,10 +852,17 @@ mod tests {
         assert_eq!(parse_release_message(b"jobs/a"), Some(("jobs/a", None)));
         let (name, grant) = parse_release_message(b"jobs/a\0abcd:42").unwrap();
         assert_eq!(name, "jobs/a");
-        let (owner, token) = grant.unwrap();
-        assert_eq!((owner.as_str(), token), ("abcd", FencingToken(42)));
-        // A grant without a token, or not UTF-8, is not a hand-off message.
+        let handed = grant.unwrap();
+        assert_eq!(
+            (handed.owner.as_str(), handed.token, handed.attempt),
+            ("abcd", FencingToken(42), None)
+        );
+        let (_, grant) = parse_release_message(b"jobs/a\0abcd:42\x007").unwrap();
+        assert_eq!(grant.unwrap().attempt, Some(7), "the attempt it followed");
+        // A grant without a token, a bad attempt id, or not UTF-8, is not a hand-off
+        // message.
         assert_eq!(parse_release_message(b"jobs/a\0abcd:"), None);
+        assert_eq!(parse_release_message(b"jobs/a\0abcd:42\0x"), None);
         assert_eq!(parse_release_message(b"jobs/\xff"), None);
     }
 

@@ -1041,3 +1041,255 @@ async fn stale_queue_entries_are_skipped_and_a_vanished_waiter_holds_only_its_tt
     })
     .await;
 }
+
+/// A tokio runtime on a thread of its own that a test can stall whole, as a GC pause or
+/// SIGSTOP stalls a process: while it is stalled none of its tasks runs (the acquire
+/// loop, its timers, the pub/sub listener), and what the server sends meanwhile waits in
+/// the socket.
+struct Stallable {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stallable {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the stalled side");
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        });
+        Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Runs `fut` on this runtime.
+    async fn run<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle
+            .spawn(fut)
+            .await
+            .expect("task on the stallable runtime")
+    }
+
+    /// Stalls every task of this runtime until the returned sender is used or dropped
+    /// (at most [`TEST_LIMIT`]).
+    async fn stall(&self) -> std::sync::mpsc::Sender<()> {
+        let (resume, resumed) = std::sync::mpsc::channel::<()>();
+        let (stalled, is_stalled) = tokio::sync::oneshot::channel::<()>();
+        self.handle.spawn(async move {
+            let _ = stalled.send(());
+            // Blocks the runtime's only thread, as a pause would.
+            let _ = resumed.recv_timeout(TEST_LIMIT);
+        });
+        is_stalled.await.expect("the runtime stalled");
+        resume
+    }
+}
+
+impl Drop for Stallable {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits (bounded: 2000 × 5 ms) until nobody holds `lock`.
+async fn wait_until_free(backend: &RedisBackend, lock: &LockName) {
+    for _ in 0..2000 {
+        if backend.inspect(lock).await.expect("inspect").is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{lock} was never free");
+}
+
+/// Mutual exclusion while valid: a hand-off message that a waiter reads only after a
+/// later attempt of its own was refused is from before that attempt, and grants
+/// nothing. The waiter is handed the lock, then stalls (its whole runtime, as in a GC
+/// pause) past that grant's 4 s TTL; another client takes the free lock; the waiter
+/// resumes, its fallback attempt is refused, and the old message reaches it about 1 s
+/// later (the waiter's link delays it 5 s), well within half a TTL of that attempt.
+/// While the other client holds, the waiter must not be granted; once it releases, the
+/// waiter is, with a higher token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_read_after_a_later_refused_attempt_grants_nothing() {
+    bounded(async {
+        let server = server().await;
+        let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+        let mut admin = operator(&server.url()).await;
+        let first = RedisBackend::open(&server.url()).await.expect("connect");
+        let other = RedisBackend::open(&server.url()).await.expect("connect");
+        let stallable = Stallable::start();
+        let waiter_url = format!("redis://{}/?timeout=30s", proxy.addr());
+        let waiter = stallable
+            .run(async move { RedisBackend::open(&waiter_url).await })
+            .await
+            .expect("connect");
+        let lock = name("stale-hand-off");
+        // The waiter's fallback comes at the first holder's remaining time: 2 s.
+        let fallback = Duration::from_secs(2);
+        let held = first
+            .acquire(request(&lock, fallback, WaitPolicy::NoWait))
+            .await
+            .expect("free");
+        let waiter_ttl = Duration::from_secs(4);
+        let waiting = {
+            let (waiter, lock) = (waiter.clone(), lock.clone());
+            stallable.handle.spawn(async move {
+                let result = waiter
+                    .acquire(request(
+                        &lock,
+                        waiter_ttl,
+                        WaitPolicy::Until(Duration::from_secs(40)),
+                    ))
+                    .await;
+                (result, Instant::now())
+            })
+        };
+        wait_for_queue(&mut admin, &lock, 1).await;
+        let queued_at = Instant::now();
+        // The first holder stays well past the waiter's fallback, and releases first.
+        let held = first
+            .renew(&held, Duration::from_secs(60))
+            .await
+            .expect("renew");
+        let resume = stallable.stall().await;
+        let delay = Duration::from_secs(5);
+        proxy.set(Fault::Delay(delay));
+        first.release(&held).await.expect("release");
+        let released_at = Instant::now();
+        let handed = first
+            .inspect(&lock)
+            .await
+            .expect("inspect")
+            .expect("handed to the waiter");
+        assert_ne!(&handed.holder, held.owner(), "not handed on");
+        // The waiter's grant ends at its TTL while it is stalled.
+        wait_until_free(&first, &lock).await;
+        let taken = other
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("free once the stalled waiter's TTL ran out");
+        assert!(taken.token() > handed.token);
+        // The waiter's next attempt goes through at once; the hand-off message, already
+        // in the proxy, stays delayed.
+        proxy.set(Fault::Pass);
+        assert!(
+            Instant::now() > queued_at + fallback
+                && Instant::now() + Duration::from_millis(500) < released_at + delay,
+            "setup too slow: the message would arrive before the waiter's fallback"
+        );
+        drop(resume);
+        // The other client holds until well after the message arrived, unless the
+        // waiter is granted first.
+        let mut waiting = waiting;
+        let hold_until = released_at + delay + Duration::from_secs(3);
+        let early = tokio::select! {
+            finished = &mut waiting => Some(finished.expect("waiter task")),
+            () = tokio::time::sleep_until(hold_until) => None,
+        };
+        if let Some((result, at)) = early {
+            let still_held = other.inspect(&lock).await.expect("inspect");
+            panic!(
+                "the waiter got {result:?} {:?} after the first release while the other client held \
+                 the lock (token {}, server says {still_held:?})",
+                at - released_at,
+                taken.token()
+            );
+        }
+        other.release(&taken).await.expect("the other client still held");
+        let other_released_at = Instant::now();
+        let (result, at) = waiting.await.expect("waiter task");
+        let lease = result.expect("handed over after the other client's release");
+        assert!(
+            lease.token() > taken.token(),
+            "token {} after {}",
+            lease.token(),
+            taken.token()
+        );
+        assert!(at >= other_released_at);
+    })
+    .await;
+}
+
+/// A wait costs no requests while the lock is held, also after a hand-off arrived too
+/// late to use: the waiter's next registration stays in place. The waiter is handed
+/// the lock while it is stalled past that grant's TTL; another client takes the lock;
+/// the waiter resumes, reads the late hand-off, makes one attempt, and then waits for
+/// the other client's release without asking again (its attempts are counted as the
+/// server's `EVALSHA` calls during a 1 s window of that hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_hand_off_leaves_the_waiter_registered_and_quiet() {
+    bounded(async {
+        let server = server().await;
+        let mut admin = operator(&server.url()).await;
+        let first = RedisBackend::open(&server.url()).await.expect("connect");
+        let other = RedisBackend::open(&server.url()).await.expect("connect");
+        let stallable = Stallable::start();
+        let waiter_url = server.url();
+        let waiter = stallable
+            .run(async move { RedisBackend::open(&waiter_url).await })
+            .await
+            .expect("connect");
+        let lock = name("late-hand-off");
+        let held = first
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("free");
+        let waiting = {
+            let (waiter, lock) = (waiter.clone(), lock.clone());
+            stallable.handle.spawn(async move {
+                waiter
+                    .acquire(request(
+                        &lock,
+                        Duration::from_millis(300),
+                        WaitPolicy::Until(Duration::from_secs(30)),
+                    ))
+                    .await
+            })
+        };
+        wait_for_queue(&mut admin, &lock, 1).await;
+        let resume = stallable.stall().await;
+        first.release(&held).await.expect("release");
+        wait_until_free(&first, &lock).await;
+        let taken = other
+            .acquire(request(&lock, Duration::from_secs(60), WaitPolicy::NoWait))
+            .await
+            .expect("free once the stalled waiter's TTL ran out");
+        let scripts = |calls: HashMap<String, u64>| calls.get("evalsha").copied().unwrap_or(0);
+        let before = scripts(command_calls(&mut admin).await);
+        drop(resume);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let during = scripts(command_calls(&mut admin).await) - before;
+        assert!(
+            during <= 2,
+            "the waiter ran {during} scripts in 1 s while the lock was held"
+        );
+        assert!(!waiting.is_finished(), "granted while the lock was held");
+        other.release(&taken).await.expect("release");
+        let lease = waiting
+            .await
+            .expect("waiter task")
+            .expect("handed over after the release");
+        assert!(lease.token() > taken.token());
+    })
+    .await;
+}
