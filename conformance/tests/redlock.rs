@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use fencelock_conformance::StoreFixture;
 use fencelock_conformance::harness::{RedisPersistence, RedisServer, Server};
+use fencelock_conformance::proxy::{Fault, FaultProxy};
 use fencelock_core::{
-    AcquireRequest, Error, FencingToken, Lease, LockBackend, LockName, Result, WaitPolicy,
-    async_trait,
+    AcquireRequest, Error, FenceGate, FencingToken, Lease, LockBackend, LockName, MemoryFenceGate,
+    Result, WaitPolicy, async_trait,
 };
 use fencelock_redis::redis;
 use fencelock_redlock::RedlockBackend;
@@ -525,4 +526,114 @@ async fn tokens_rise_after_every_node_restarted_empty() {
     let next = take(&backend, &lock).await;
     assert!(next.token() > last, "{} after {last}", next.token());
     backend.release(&next).await.expect("release");
+}
+
+/// Waits (bounded: 1000 × 10 ms) until `key` on `server` holds a value ending in
+/// `suffix`, and returns it.
+async fn until_suffix(server: &RedisServer, key: &str, suffix: &str) -> String {
+    for _ in 0..1000 {
+        if let Some(value) = get(server, key).await.filter(|v| v.ends_with(suffix)) {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{key} on {} never ended in {suffix}", server.addr());
+}
+
+/// Tokens rise, without a clock assumption, from a grant to every grant made by an
+/// attempt that started after it was returned, even when claims end before their
+/// acquirer decides (as on nodes whose clocks jump ahead past the TTL). Between grants
+/// whose attempts overlapped, the order is only as good as that clock assumption: a
+/// grant decided in one round on claims that ended meanwhile carries a lower token
+/// than a grant returned before it, and the fence gate then refuses it.
+///
+/// Scenario on 3 nodes with agreeing counters (every grant is decided in one round): a
+/// late client's claims land on every node (its links delay each way by 2 s), then
+/// end there (deleted, as an expiry on a clock that jumped would); an early client
+/// takes the free lock, writes through the gate and releases, all before the late
+/// client's claim replies arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rise_for_every_attempt_started_after_a_grant_even_when_claims_end_early() {
+    let fixture = RedlockFixture::start(3).await;
+    let mut proxies = Vec::new();
+    for server in &fixture.servers {
+        proxies.push(FaultProxy::start(server.addr()).await.expect("proxy"));
+    }
+    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let late = RedlockBackend::open(&format!("redlock://{}?node_timeout=8s", through.join(",")))
+        .await
+        .expect("connect");
+    let early = RedlockBackend::open(&format!("{}?node_timeout=1s", fixture.redlock_url()))
+        .await
+        .expect("connect");
+    let gate = MemoryFenceGate::new();
+    let lock = name("claims-end-early");
+    let (lock_key, counter) = (late.lock_key(&lock), late.token_key(&lock));
+    for server in &fixture.servers {
+        set(server, &counter, "1000").await;
+    }
+    for proxy in &proxies {
+        proxy.set(Fault::Delay(Duration::from_secs(2)));
+    }
+    let late_attempt = {
+        let (late, lock) = (late.clone(), lock.clone());
+        tokio::spawn(async move {
+            let req = AcquireRequest::new(lock, Duration::from_secs(20)).expect("valid ttl");
+            let granted = late.acquire(req).await;
+            (granted, tokio::time::Instant::now())
+        })
+    };
+    for server in &fixture.servers {
+        until_suffix(server, &lock_key, ":1001").await;
+    }
+    // The late client's claims end on every node; the counters stay.
+    for server in &fixture.servers {
+        let mut conn = operator(server).await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(&lock_key)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+    }
+    let first = early
+        .acquire(request(&lock, WaitPolicy::NoWait))
+        .await
+        .expect("free: granted");
+    gate.admit("resource", first.token())
+        .await
+        .expect("the first holder writes");
+    early.release(&first).await.expect("release");
+    let returned_first = tokio::time::Instant::now();
+    let (late_granted, late_returned) = late_attempt.await.expect("late client task");
+    assert!(
+        late_returned > returned_first,
+        "the scenario needs the late grant returned after the first one"
+    );
+    if let Ok(late_lease) = &late_granted {
+        // Not ordered with the first grant (their attempts overlapped); the gate keeps
+        // the writes in token order.
+        if late_lease.token() < first.token() {
+            let err = gate
+                .admit("resource", late_lease.token())
+                .await
+                .expect_err("a lower token after the first holder's write");
+            assert!(matches!(err, Error::StaleToken { .. }), "{err:?}");
+        }
+    }
+    for proxy in &proxies {
+        proxy.set(Fault::Pass);
+    }
+    let next = early
+        .acquire(request(&lock, WaitPolicy::Until(Duration::from_secs(5))))
+        .await
+        .expect("free again: granted");
+    let highest = late_granted
+        .as_ref()
+        .map_or(first.token(), |l| l.token().max(first.token()));
+    assert!(
+        next.token() > highest,
+        "token {} of an attempt started after both grants is not above {highest}",
+        next.token()
+    );
+    early.release(&next).await.expect("release");
 }

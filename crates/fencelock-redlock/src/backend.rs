@@ -51,8 +51,12 @@ const NO_EXPIRY_RECHECK: Duration = Duration::from_secs(1);
 ///    from before the first send), the token is the highest count among them. When a
 ///    majority returned exactly that count (the common case: nodes that saw the same
 ///    grants count alike), the token is already stored on a majority, each time together
-///    with our claim, and the lock is granted: **one round trip**. (A name's first
-///    grant, whose counter each node seeds from its own clock, takes step 3.)
+///    with our claim, and the lock is granted: **one round trip**. Nothing re-checks
+///    that those claims are still there: they are taken to last for the validity, the
+///    clock assumption of mutual exclusion, which is also all that orders this token
+///    after a grant returned while this attempt was in flight (see the crate docs).
+///    (A name's first grant, whose counter each node seeds from its own clock, takes
+///    step 3.)
 /// 3. Otherwise **raise** on every node in parallel: set the counter to at least the
 ///    token and restamp the claim `{owner}:{token}`, in one script. The grant stands iff
 ///    at least `N/2 + 1` nodes did both **while our claim was live there**, before the

@@ -31,25 +31,35 @@
 //! does not pause past its validity. A paused holder is exactly the case fencing
 //! tokens are for.
 //!
-//! **Fencing tokens** rise strictly from grant to grant of a name in the order the
-//! grants were made, without any clock assumption, **as long as the nodes keep their
-//! data**. Each node keeps a counter per name that never goes down. A claim granted on
-//! a node adds one to that counter in the same script and stamps the claim with the
-//! new count; the token is the highest count among the majority that granted the
-//! claims. Before the grant is returned, the token is stored (counter at least the
-//! token) on a majority *while our claim is live on each of them*: either a majority
-//! counted exactly the token, so their claims stored it atomically (one round trip,
-//! the common case), or a second phase raises the counters of a majority to it, each
-//! raise checking in the same script that our claim is still there.
-//! Any two grants' majorities share a node; there the later grant's claim could only
-//! be made after the earlier grant's claim ended, which is after the earlier token was
-//! stored there, so the later claim counts above the earlier token, and the later
-//! token, the highest count of its majority, is at least that count.
+//! **Fencing tokens** rise, without any clock assumption **as long as the nodes keep
+//! their data**, from each grant of a name to every grant made by an attempt that
+//! started after that grant was returned. Each node keeps a counter per name that
+//! never goes down. A claim granted on a node adds one to that counter in the same
+//! script and stamps the claim with the new count; the token is the highest count
+//! among the majority that granted the claims. Before the grant is returned, the token
+//! is stored (counter at least the token) on a majority: either a majority counted
+//! exactly the token, so their claims stored it (one round trip, the common case), or
+//! a second phase raises the counters of a majority to it, each raise checking in the
+//! same script that our claim is still there (a claim that already ended refuses the
+//! grant). Any two majorities share a node; a later attempt's claim there comes after
+//! the earlier grant was returned, so after its token was stored there, and counts
+//! above it; the later token, the highest count of its majority, is at least that
+//! count.
+//!
+//! Between grants whose attempts overlapped in time, the order also needs each claim
+//! to last until its client decides, which is the clock assumption of mutual
+//! exclusion (node clocks not running ahead of the client's, no key deleted): if the
+//! claims of an attempt end while it waits for their replies (a node's clock jumped
+//! ahead past the TTL), another client can claim, be granted and return meanwhile,
+//! and the first attempt is then still granted, in one round, on the lower counts it
+//! made before. No check closes this without that assumption: a claim can end between
+//! a node's last answer and the decision, whatever that answer was (the raise only
+//! narrows the window). A fence gate then orders the two holders' writes by token,
+//! not by when their grants were returned.
 //!
 //! The raise must also land a node timeout before the validity ends (a margin of the
-//! two-phase design, kept; the check that our claim is live is what the argument
-//! needs). The one-round grant needs no such margin beyond Redlock's own validity
-//! check, since its count is written by the claim itself.
+//! two-phase design, kept). The one-round grant needs no such margin beyond Redlock's
+//! own validity check, since its count is written by the claim itself.
 //!
 //! When that shared node lost its data in between (restart without persistence), or
 //! its counter expired ([`token_ttl`](RedlockConfig::token_ttl) after its last
