@@ -6,6 +6,8 @@
 //!   judges a recorded run.
 //! - [`harness`]: real servers started from `PATH` on free loopback ports, owned by pid.
 //! - [`proxy`]: a loopback TCP fault proxy switched at runtime.
+//! - [`paused_run`]: a checked in-process run with a holder paused past its TTL; it
+//!   needs only the store under test.
 //! - [`faults`]: fault scenarios for every store (holder process killed, holder paused
 //!   past its TTL, a checked run with a paused holder); run them with
 //!   [`fault_tests!`].
@@ -18,6 +20,21 @@
 //! - [`broken`]: deliberately broken drivers, each breaking one rule, that the checker
 //!   must catch.
 //!
+//! ## Cargo features
+//!
+//! With `default-features = false` the crate depends only on `fencelock-core` (and
+//! tokio): the properties, [`StoreFixture`], the history checker, the in-process
+//! paused run, the fault proxy and the broken drivers. That is all a third-party
+//! driver needs to run [`conformance_tests!`] in its own CI, and it builds no store
+//! client.
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `harness` | [`harness`]: real servers started from `PATH` |
+//! | `processes` | [`faults`], [`worker`], [`resource`] (a SQLite file), [`skew`] and `SqliteFixture`: process-level fault scenarios |
+//! | `worker` | the `fencelock-worker` binary (every store of the facade, by URL) |
+//! | `full` (default) | all of the above |
+//!
 //! A third-party driver runs the same suite on its own store:
 //!
 //! ```ignore
@@ -26,19 +43,41 @@
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+/// Items that need one of this crate's cargo features, with the feature shown on
+/// docs.rs.
+macro_rules! cfg_feature {
+    ($feature:literal; $($item:item)*) => {
+        $(
+            #[cfg(feature = $feature)]
+            #[cfg_attr(docsrs, doc(cfg(feature = $feature)))]
+            $item
+        )*
+    };
+}
 
 pub mod broken;
-pub mod faults;
 mod fixture;
-pub mod harness;
 pub mod history;
+pub mod paused_run;
 pub mod proxy;
-pub mod resource;
-pub mod skew;
 pub mod suite;
-pub mod worker;
 
-pub use fixture::{MemoryFixture, SqliteFixture, StoreFixture};
+cfg_feature! { "harness";
+    pub mod harness;
+}
+
+cfg_feature! { "processes";
+    pub mod faults;
+    pub mod resource;
+    pub mod skew;
+    pub mod worker;
+    mod sqlite_fixture;
+    pub use sqlite_fixture::SqliteFixture;
+}
+
+pub use fixture::{MemoryFixture, StoreFixture};
 
 /// Expands to one `#[tokio::test]` per property of the [`suite`], each run against the
 /// fixture that `$fixture().await` returns (a fresh one per test).
@@ -61,6 +100,9 @@ macro_rules! conformance_tests {
             max_hold_ends_the_lock,
             stale_token_is_refused_by_the_gate,
             fenced_increments_are_exact,
+            renew_all_answers_each_lease_in_order,
+            waiters_are_granted_in_arrival_order,
+            events_announce_a_lost_grant,
         );
     };
     (@each $fixture:path; $($property:ident),* $(,)?) => {

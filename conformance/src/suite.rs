@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fencelock_core::{
     AcquireRequest, Error, Lease, LockBackend, LockName, Locker, LockerOptions, LossReason,
-    MemoryFenceGate, WaitPolicy,
+    MemoryFenceGate, StoreEvent, WaitPolicy,
 };
 use tokio::time::{Instant, timeout};
 
@@ -599,6 +599,164 @@ pub async fn fenced_increments_are_exact(store: &dyn StoreFixture) -> Verdict {
     );
     history::assert_passes(&history, &history::Checks::default());
     Verdict::Passed
+}
+
+/// `renew_all` answers once per lease, in the order given: each lease still held is
+/// renewed with its own name, owner and token, and only the lease whose grant was
+/// deleted is `Lost`.
+pub async fn renew_all_answers_each_lease_in_order(store: &dyn StoreFixture) -> Verdict {
+    let a = client(store).await;
+    let names: Vec<LockName> = (0..3)
+        .map(|i| unique_name(&format!("renew-all-{i}")))
+        .collect();
+    let mut leases = Vec::new();
+    for name in &names {
+        leases.push(take(&*a, name, LONG_TTL).await);
+    }
+    step("an operator's delete", store.delete_behind_back(&names[1]))
+        .await
+        .expect("the operator's delete");
+    let batch: Vec<(Lease, Duration)> = leases.iter().map(|l| (l.clone(), LONG_TTL)).collect();
+    // A session store may learn of the delete a moment after it happened; the batch is
+    // asked again (bounded) until the deleted lease reads lost.
+    let deadline = Instant::now() + STEP_LIMIT;
+    let answers = loop {
+        let answers = step("a batched renewal", a.renew_all(&batch)).await;
+        assert_eq!(answers.len(), batch.len(), "one answer per lease");
+        if answers[1].is_err() || Instant::now() >= deadline {
+            break answers;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (i, (answer, lease)) in answers.iter().zip(&leases).enumerate() {
+        if i == 1 {
+            let err = answer
+                .as_ref()
+                .expect_err("the deleted grant must not renew");
+            assert!(
+                matches!(err, Error::Lost { .. }),
+                "the deleted grant: expected Lost, got {err:?}"
+            );
+            continue;
+        }
+        let renewed = answer
+            .as_ref()
+            .unwrap_or_else(|err| panic!("lease {i} is still held, got {err:?}"));
+        assert_eq!(
+            (renewed.name(), renewed.owner(), renewed.token()),
+            (lease.name(), lease.owner(), lease.token()),
+            "answer {i} must be about lease {i}"
+        );
+    }
+    for i in [0, 2] {
+        a.release(&leases[i])
+            .await
+            .expect("release a renewed lease");
+    }
+    Verdict::Passed
+}
+
+/// Where the store is FIFO (`Capabilities::fifo`), waiters that arrived one after
+/// another are granted in their order of arrival, each with a higher token.
+pub async fn waiters_are_granted_in_arrival_order(store: &dyn StoreFixture) -> Verdict {
+    let holder = client(store).await;
+    if !holder.capabilities().fifo {
+        return Verdict::NotApplicable("the store does not grant waiters in arrival order");
+    }
+    let name = unique_name("fifo");
+    let lease = take(&*holder, &name, LONG_TTL).await;
+    let (granted_tx, mut granted_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiters = Vec::new();
+    for arrival in 0..4 {
+        let backend = client(store).await;
+        let (name, granted_tx) = (name.clone(), granted_tx.clone());
+        waiters.push(tokio::spawn(async move {
+            let lease = backend
+                .acquire(request(&name, LONG_TTL, WaitPolicy::Until(STEP_LIMIT)))
+                .await
+                .unwrap_or_else(|err| panic!("waiter {arrival} was not granted: {err}"));
+            let _ = granted_tx.send((arrival, lease.token()));
+            backend
+                .release(&lease)
+                .await
+                .expect("release by the waiter");
+        }));
+        // Spaced arrivals: each waiter is queued before the next one asks.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(granted_tx);
+    holder.release(&lease).await.expect("release by the holder");
+    let mut order = Vec::new();
+    while let Some(grant) = step("the next waiter's grant", granted_rx.recv()).await {
+        order.push(grant);
+    }
+    for waiter in waiters {
+        step("a waiter's end", waiter).await.expect("waiter task");
+    }
+    let arrivals: Vec<usize> = order.iter().map(|(arrival, _)| *arrival).collect();
+    assert_eq!(arrivals, vec![0, 1, 2, 3], "grants out of arrival order");
+    assert!(
+        order.windows(2).all(|w| w[0].1 < w[1].1),
+        "tokens must rise in grant order: {order:?}"
+    );
+    Verdict::Passed
+}
+
+/// Where a store has an event feed (`LockBackend::events`), a grant deleted behind its
+/// holder's back is announced on it, naming the grant (or as its session's loss):
+/// by the store's own watch, or at the latest when a renewal finds the grant gone and
+/// answers `Lost`.
+pub async fn events_announce_a_lost_grant(store: &dyn StoreFixture) -> Verdict {
+    let a = client(store).await;
+    let Some(mut events) = a.events() else {
+        return Verdict::NotApplicable("the store has no event feed; renewals find losses");
+    };
+    let name = unique_name("events");
+    let lease = take(&*a, &name, LONG_TTL).await;
+    step("an operator's delete", store.delete_behind_back(&name))
+        .await
+        .expect("the operator's delete");
+    // A store that watches its grants announces the delete by itself.
+    if announced_loss(&mut events, &lease, Duration::from_secs(3)).await {
+        return Verdict::Passed;
+    }
+    // Otherwise a renewal finds it, and the feed hears of it then.
+    let renewal = step("a renewal after the delete", a.renew(&lease, LONG_TTL)).await;
+    assert!(
+        matches!(renewal, Err(Error::Lost { .. })),
+        "a deleted grant must not renew, got {renewal:?}"
+    );
+    assert!(
+        announced_loss(&mut events, &lease, STEP_LIMIT).await,
+        "the loss of the deleted grant was never announced on the event feed"
+    );
+    Verdict::Passed
+}
+
+/// Whether `events` announces the loss of `lease` (or its session) within `window`.
+async fn announced_loss(
+    events: &mut tokio::sync::broadcast::Receiver<StoreEvent>,
+    lease: &Lease,
+    window: Duration,
+) -> bool {
+    let deadline = Instant::now() + window;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = match timeout(left, events.recv()).await {
+            Err(_) => return false,
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(err)) => panic!("the event feed ended: {err}"),
+            Ok(Ok(event)) => event,
+        };
+        match event {
+            StoreEvent::LeaseLost { name, owner } if &name == lease.name() => {
+                assert_eq!(&owner, lease.owner(), "the loss names our grant's owner");
+                return true;
+            }
+            StoreEvent::SessionLost { .. } => return true,
+            _ => {}
+        }
+    }
 }
 
 /// Runs a property by name for the [`conformance_tests!`](crate::conformance_tests)

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fencelock_conformance::broken::{NoTtl, PlainDelete, RandomToken, ResettingCounter};
-use fencelock_conformance::faults::{PausedRun, run_with_a_paused_holder};
 use fencelock_conformance::history::{
     Attempt, Checks, FaultKind, History, Hold, HolderFault, Violation, check, check_with, describe,
 };
+use fencelock_conformance::paused_run::{PausedRun, run_with_a_paused_holder};
 use fencelock_core::{FencingToken, LockBackend, MemoryStore};
 use tokio::time::Instant;
 

@@ -303,7 +303,7 @@ impl Report {
         let _ = writeln!(out, "{header}\n");
         let targets = self.targets();
         if !targets.is_empty() {
-            out.push_str("### Targets (issue 9)\n\n");
+            out.push_str("### Targets\n\n");
             for (line, met) in &targets {
                 let verdict = if *met { "met" } else { "**not met**" };
                 let _ = writeln!(out, "- {line}: {verdict}");

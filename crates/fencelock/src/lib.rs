@@ -40,6 +40,7 @@
 //! own (e.g. SQLite's `table`, `prefix`, `busy_timeout`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod connect;
 
@@ -48,16 +49,24 @@ pub use fencelock_core::*;
 
 /// The etcd store.
 #[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub use fencelock_etcd as etcd;
 /// The Redis store.
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use fencelock_redis as redis;
 /// The Redlock store.
 #[cfg(feature = "redlock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redlock")))]
 pub use fencelock_redlock as redlock;
 /// The SQL stores.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql")))
+)]
 pub use fencelock_sql as sql;
 /// The ZooKeeper store.
 #[cfg(feature = "zookeeper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "zookeeper")))]
 pub use fencelock_zookeeper as zookeeper;
