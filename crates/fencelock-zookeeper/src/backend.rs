@@ -658,7 +658,17 @@ impl LockBackend for ZooKeeperBackend {
                         Err(lost(lease))
                     }
                 }
-                Ok(_) | Err(zookeeper_client::Error::SessionExpired) => {
+                Ok(_) => {
+                    // Our node is gone before its watch was armed: tell the feed too.
+                    if grants.remove(path).is_some() {
+                        let _ = self.sessions.events.send(StoreEvent::LeaseLost {
+                            name: lease.name().clone(),
+                            owner: lease.owner().clone(),
+                        });
+                    }
+                    Err(lost(lease))
+                }
+                Err(zookeeper_client::Error::SessionExpired) => {
                     grants.remove(path);
                     Err(lost(lease))
                 }
