@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fencelock_core::{
-    AcquireRequest, Capabilities, Error, Lease, LeaseKind, LockName, LockState, Result,
+    AcquireRequest, Capabilities, Error, Lease, LeaseKind, LockName, LockState, Result, StoreEvent,
     WaitDeadline, WaitKind,
 };
 use sqlx::Pool;
 
 use crate::lease::{Dialect, LeaseStore};
-use crate::session_table::{SessionLocks, SessionStatements};
+use crate::session_table::{SESSION_CHECK_EVERY, ServerSession, SessionLocks, SessionStatements};
 
 /// Why a session-mode attempt failed.
 #[derive(Debug)]
@@ -23,6 +23,9 @@ pub(crate) enum SessionError {
     /// The statements of one connection ran in different server sessions, or the lock
     /// was not held by the server session that took it: a pooling proxy is in between.
     PoolingProxy,
+    /// The session cannot keep the lock for the TTL asked (see
+    /// [`ServerSession::check_ttl`]); nothing was taken.
+    TtlRefused(String),
 }
 
 impl From<sqlx::Error> for SessionError {
@@ -62,6 +65,14 @@ pub(crate) trait SessionMode: SessionStatements<Conn: 'static> + Sized + 'static
         pool: &Pool<Self::Db>,
         key: &str,
     ) -> impl Future<Output = Result<Option<LockState>, sqlx::Error>> + Send;
+
+    /// Which of `sessions` the server still runs (one statement on a connection of
+    /// `pool`).
+    fn alive(
+        &self,
+        pool: &Pool<Self::Db>,
+        sessions: &[ServerSession],
+    ) -> impl Future<Output = Result<Vec<ServerSession>, sqlx::Error>> + Send;
 }
 
 /// The locks of a server backend, in lease or session mode.
@@ -75,7 +86,31 @@ pub(crate) struct ServerLocks<D: Dialect, S: SessionMode<Db = D::Db>> {
 
 struct Session<S: SessionMode> {
     locks: Arc<SessionLocks<S::Conn>>,
-    queries: S,
+    queries: Arc<S>,
+}
+
+/// Every [`SESSION_CHECK_EVERY`] while locks are held, asks the server which of the
+/// server sessions holding them still exist and reports the locks of the others lost
+/// at once (see [`SessionLocks::sessions_ended`]). Ends when nothing is held.
+async fn check_sessions<S: SessionMode>(
+    locks: Arc<SessionLocks<S::Conn>>,
+    queries: Arc<S>,
+    pool: Pool<S::Db>,
+) {
+    loop {
+        tokio::time::sleep(SESSION_CHECK_EVERY).await;
+        let Some(sessions) = locks.sessions_to_check() else {
+            return;
+        };
+        if sessions.is_empty() {
+            continue;
+        }
+        match queries.alive(&pool, &sessions).await {
+            Ok(alive) => locks.sessions_ended(&sessions, &alive).await,
+            // The renewal's probe will tell.
+            Err(err) => tracing::debug!(%err, "could not check the sessions of held locks"),
+        }
+    }
 }
 
 impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
@@ -88,7 +123,7 @@ impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
         Self {
             session: session.map(|queries| Session {
                 locks: Arc::new(SessionLocks::new(D::STORE, idle_max)),
-                queries,
+                queries: Arc::new(queries),
             }),
             lease,
             pooling_proxy,
@@ -132,7 +167,7 @@ impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
         let attempt = (session.queries)
             .acquire(&session.locks, self.lease.pool(), &req, &key, &deadline)
             .await;
-        attempt
+        let lease = attempt
             .map_err(|err| match err {
                 SessionError::Sql(err) => self
                     .lease
@@ -141,8 +176,28 @@ impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
                     store: D::STORE,
                     what: self.pooling_proxy.clone(),
                 },
+                SessionError::TtlRefused(why) => Error::config(format!(
+                    "{}: {why}",
+                    self.lease.context(format_args!("acquire `{}`", req.name))
+                )),
             })?
-            .ok_or_else(|| deadline.give_up(&req.name, D::STORE))
+            .ok_or_else(|| deadline.give_up(&req.name, D::STORE))?;
+        if session.locks.start_checking() {
+            tokio::spawn(check_sessions(
+                Arc::clone(&session.locks),
+                Arc::clone(&session.queries),
+                self.lease.pool().clone(),
+            ));
+        }
+        Ok(lease)
+    }
+
+    /// [`LockBackend::events`](fencelock_core::LockBackend::events): in session mode,
+    /// the locks found lost when their server session ended.
+    pub(crate) fn events(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        self.session
+            .as_ref()
+            .map(|session| session.locks.subscribe())
     }
 
     /// [`LockBackend::renew`](fencelock_core::LockBackend::renew).
@@ -153,7 +208,7 @@ impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
         let key = self.lease.key(lease.name());
         session
             .locks
-            .renew(&session.queries, lease, &key, ttl)
+            .renew(&*session.queries, lease, &key, ttl)
             .await
     }
 
@@ -173,7 +228,7 @@ impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
             return self.lease.release(lease).await;
         };
         let key = self.lease.key(lease.name());
-        let queries = &session.queries;
+        let queries = &*session.queries;
         let released = match session.locks.release(queries, lease, &key).await {
             Some(released) => released,
             None => queries
@@ -210,6 +265,12 @@ macro_rules! lock_backend_on_server_locks {
         impl fencelock_core::LockBackend for $backend {
             fn capabilities(&self) -> fencelock_core::Capabilities {
                 self.locks().capabilities()
+            }
+
+            fn events(
+                &self,
+            ) -> Option<tokio::sync::broadcast::Receiver<fencelock_core::StoreEvent>> {
+                self.locks().events()
             }
 
             async fn acquire(

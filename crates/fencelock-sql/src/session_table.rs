@@ -10,6 +10,25 @@
 //! lock (a failed probe or unlock, the TTL running out) closes the connection.
 //! A kept connection keeps its [`ServerSession`] with it, so the next lock on it
 //! needs no statement to learn which server session it is.
+//!
+//! What a held connection can promise: the server frees a session lock the moment the
+//! session ends (killed by an operator, ended by an idle timeout, a server restart, a
+//! connection reset by something in between), and nothing tells this client. Three
+//! things bound how long it may believe otherwise:
+//! - a TTL whose probe period (ttl/3) is not shorter than the server's idle timeout
+//!   for the session ([`ServerSession::idle_limit`]) is refused before anything is
+//!   taken, naming the setting ([`SessionStatements::IDLE_SETTING`]);
+//! - a lease's validity is at most that idle timeout from when its grant or last
+//!   probe was sent, whatever the TTL;
+//! - every [`SESSION_CHECK_EVERY`] one statement on a pool connection asks the server
+//!   which of the server sessions holding locks for at least that long still exist
+//!   ([`SessionLocks::check_sessions`]); the locks of any that ended are reported lost
+//!   at once, as a [`StoreEvent::LeaseLost`] the client's watchdog hears, instead of at
+//!   the next probe (up to ttl/3 later).
+//!
+//! sqlx offers no way to wait for the end of an idle connection's stream (only
+//! `PgListener` reads while idle, on a pool connection of its own), so the end of a
+//! session is learned by asking the server, not from the socket.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,16 +36,36 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fencelock_core::{AcquireRequest, Error, FencingToken, Lease, LossReason, Result, valid_until};
+use fencelock_core::{
+    AcquireRequest, Error, FencingToken, Lease, LockName, LossReason, OwnerId, Result, StoreEvent,
+    valid_until,
+};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Database};
+use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+
+/// How often the server is asked which held locks' sessions still exist; a lock is
+/// checked once it has been held this long, so a session that ends is reported lost
+/// at most twice this (plus a round trip) after it ended.
+pub(crate) const SESSION_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Events kept for a watchdog that has not read them yet; one that falls further
+/// behind renews everything at once.
+const EVENTS_KEPT: usize = 1024;
 
 /// A store's statements on the connection of a held session lock.
 pub(crate) trait SessionStatements: Send + Sync {
     /// The connection type.
     type Conn: Connection;
+
+    /// The server setting that ends an idle session, for messages, e.g.
+    /// `wait_timeout`.
+    const IDLE_SETTING: &'static str;
+
+    /// How to raise [`IDLE_SETTING`](Self::IDLE_SETTING) above `needed`, for messages.
+    fn raise_idle_limit(needed: Duration) -> String;
 
     /// Whether `conn` is still server session `session` and holds the lock of `key`
     /// (`false` also when the connection failed).
@@ -57,6 +96,40 @@ pub(crate) struct ServerSession {
     /// When it started, in µs since the epoch, where the id alone may be reused
     /// (Postgres `backend_start`); 0 where it is not needed or not known.
     pub(crate) started: i64,
+    /// How long the server lets this session sit idle before it ends it (MySQL
+    /// `wait_timeout`, Postgres `idle_session_timeout`), as read when the connection
+    /// was identified; `None` if it never does.
+    pub(crate) idle_limit: Option<Duration>,
+}
+
+impl ServerSession {
+    /// The longest a lease on this session may be valid from when its grant or probe
+    /// was sent, for `ttl`: the server ends the session (and frees the lock) once it
+    /// has been idle for its idle limit, so no more can be promised.
+    pub(crate) fn promised(&self, ttl: Duration) -> Duration {
+        self.idle_limit.map_or(ttl, |limit| limit.min(ttl))
+    }
+
+    /// Refuses `ttl` if its probe period (ttl/3, the watchdog's renewal period) is not
+    /// shorter than this session's idle limit: the server would end the session
+    /// between two probes and free the lock while its holder believes it still holds
+    /// it. The message names the setting and the two fixes.
+    pub(crate) fn check_ttl<S: SessionStatements>(&self, ttl: Duration) -> Result<(), String> {
+        let Some(limit) = self.idle_limit else {
+            return Ok(());
+        };
+        if ttl / 3 < limit {
+            return Ok(());
+        }
+        Err(format!(
+            "mode=session cannot keep a lock with ttl {ttl:?}: the watchdog probes the              lock's connection every ttl/3 = {:?}, but the server ends a session idle for              {} = {limit:?}, which frees the lock at once while its holder still believes              it holds it; use a TTL below {:?} (3 x {}), or {}",
+            ttl / 3,
+            S::IDLE_SETTING,
+            limit * 3,
+            S::IDLE_SETTING,
+            S::raise_idle_limit(ttl / 3),
+        ))
+    }
 }
 
 /// The session locks a backend holds, by owner id.
@@ -69,6 +142,11 @@ pub(crate) struct SessionLocks<C> {
     idle: Mutex<Vec<(C, ServerSession)>>,
     /// The most connections `idle` keeps.
     idle_max: usize,
+    /// Losses learned by [`check_sessions`](Self::check_sessions).
+    events: broadcast::Sender<StoreEvent>,
+    /// Whether a task runs [`check_sessions`](Self::check_sessions); changed only
+    /// with `held` locked, so a grant and the task's end cannot miss each other.
+    checking: std::sync::atomic::AtomicBool,
 }
 
 /// The connection of a session-mode attempt: from the pool, or kept from a clean
@@ -127,8 +205,12 @@ impl<DB: Database> DerefMut for SessionConn<DB> {
 /// One held session lock: its connection and when its TTL ends.
 #[derive(Debug)]
 struct Held<C> {
+    name: LockName,
+    owner: OwnerId,
     key: String,
     token: u64,
+    /// When it was granted.
+    taken: Instant,
     /// The server session of `conn`.
     session: ServerSession,
     conn: tokio::sync::Mutex<Option<C>>,
@@ -158,6 +240,73 @@ impl<C: Connection + 'static> SessionLocks<C> {
             held: Mutex::default(),
             idle: Mutex::default(),
             idle_max,
+            events: broadcast::channel(EVENTS_KEPT).0,
+            checking: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A new receiver of the losses [`check_sessions`](Self::check_sessions) finds.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+
+    /// Marks the session check task running; `true` if it was not (so the caller
+    /// starts it).
+    pub(crate) fn start_checking(&self) -> bool {
+        let _table = locked(&self.held);
+        !self
+            .checking
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The server sessions of the locks held for at least [`SESSION_CHECK_EVERY`],
+    /// for the session check task; `None` once nothing is held, when the task must
+    /// end (it is marked stopped, so the next grant starts another).
+    pub(crate) fn sessions_to_check(&self) -> Option<Vec<ServerSession>> {
+        let table = locked(&self.held);
+        if table.is_empty() {
+            self.checking
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return None;
+        }
+        let now = Instant::now();
+        let mut sessions: Vec<ServerSession> = table
+            .values()
+            .filter(|held| held.taken + SESSION_CHECK_EVERY <= now)
+            .map(|held| held.session)
+            .collect();
+        sessions.sort_by_key(|session| (session.id, session.started));
+        sessions.dedup();
+        Some(sessions)
+    }
+
+    /// Ends every held lock whose server session was among `checked` but is not in
+    /// `alive` (the server said it no longer exists): forgets it, closes its
+    /// connection, and tells the watchdog it is lost.
+    pub(crate) async fn sessions_ended(&self, checked: &[ServerSession], alive: &[ServerSession]) {
+        let ended: Vec<(String, Arc<Held<C>>)> = locked(&self.held)
+            .iter()
+            .filter(|(_, held)| checked.contains(&held.session) && !alive.contains(&held.session))
+            .map(|(owner, held)| (owner.clone(), Arc::clone(held)))
+            .collect();
+        for (owner, held) in ended {
+            if !self.forget(&owner, &held) {
+                continue; // Released or ended meanwhile.
+            }
+            if let Some(expiry) = locked(&held.expiry).take() {
+                expiry.abort();
+            }
+            tracing::warn!(
+                key = held.key,
+                store = self.store,
+                session = held.session.id,
+                "the server session holding a session lock ended"
+            );
+            let _ = self.events.send(StoreEvent::LeaseLost {
+                name: held.name.clone(),
+                owner: held.owner.clone(),
+            });
+            close(held.conn.lock().await.take()).await;
         }
     }
 
@@ -223,34 +372,32 @@ impl<C: Connection + 'static> SessionLocks<C> {
         conn: C,
         taken: Instant,
     ) -> Lease {
-        self.insert(
-            req.owner.as_str(),
-            key,
-            token,
-            session,
-            conn,
-            taken + req.ttl,
-        );
+        self.insert(req, key, token, session, conn, taken);
         Lease::new(
             req.name.clone(),
             req.owner.clone(),
             FencingToken(token),
-            valid_until(taken, req.ttl),
+            valid_until(taken, session.promised(req.ttl)),
         )
     }
 
     fn insert(
         self: &Arc<Self>,
-        owner: &str,
+        req: &AcquireRequest,
         key: &str,
         token: u64,
         session: ServerSession,
         conn: C,
-        ends_at: Instant,
+        taken: Instant,
     ) {
+        let owner = req.owner.as_str();
+        let ends_at = taken + req.ttl;
         let held = Arc::new(Held {
+            name: req.name.clone(),
+            owner: req.owner.clone(),
             key: key.to_owned(),
             token,
+            taken,
             session,
             conn: tokio::sync::Mutex::new(Some(conn)),
             ends_at: Mutex::new(ends_at),
@@ -288,15 +435,17 @@ impl<C: Connection + 'static> SessionLocks<C> {
         );
     }
 
-    /// Removes `held` from the table if it is still the entry of `owner`.
-    fn forget(&self, owner: &str, held: &Arc<Held<C>>) {
+    /// Removes `held` from the table if it is still the entry of `owner`; whether it
+    /// was.
+    fn forget(&self, owner: &str, held: &Arc<Held<C>>) -> bool {
         let mut table = locked(&self.held);
-        if table
+        let ours = table
             .get(owner)
-            .is_some_and(|entry| Arc::ptr_eq(entry, held))
-        {
+            .is_some_and(|entry| Arc::ptr_eq(entry, held));
+        if ours {
             table.remove(owner);
         }
+        ours
     }
 
     /// The entry of `lease`, if this backend still holds exactly that grant.
@@ -338,7 +487,9 @@ impl<C: Connection + 'static> SessionLocks<C> {
             return Err(self.lost(lease, LossReason::SessionEnded));
         }
         *locked(&held.ends_at) = sent + ttl;
-        Ok(lease.clone().renewed(valid_until(sent, ttl)))
+        Ok(lease
+            .clone()
+            .renewed(valid_until(sent, held.session.promised(ttl))))
     }
 
     /// Unlocks on the lock's connection, then keeps it for reuse if the unlock

@@ -766,3 +766,102 @@ async fn session_mode_a_lock_statement_that_fails_after_taking_the_lock_leaves_i
     })
     .await;
 }
+
+/// In session mode a TTL whose probe period (ttl/3) is not shorter than the session's
+/// `idle_session_timeout` is refused before anything is taken, with an error that
+/// names the setting and both fixes: the server would end the idle session (freeing
+/// the lock) between two probes. A TTL that fits is granted, its validity bounded by
+/// `idle_session_timeout` from when the grant was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_refuses_a_ttl_whose_probe_period_outlasts_idle_session_timeout_and_bounds_validity_by_it()
+ {
+    bounded(async {
+        let server = server().await;
+        let operator = open(&server).await;
+        for statement in [
+            "CREATE ROLE locker LOGIN SUPERUSER",
+            "ALTER ROLE locker SET idle_session_timeout = '3s'",
+        ] {
+            sqlx::query(statement)
+                .execute(operator.pool())
+                .await
+                .unwrap();
+        }
+        let url = format!(
+            "{}?mode=session",
+            server.url().replace("postgres@", "locker@")
+        );
+        let client = PostgresBackend::open(&url).await.unwrap();
+        let refused = client
+            .acquire(request("idle", Duration::from_secs(30)))
+            .await;
+        let Err(Error::Config { message }) = &refused else {
+            panic!("expected Error::Config, got {refused:?}");
+        };
+        assert!(
+            message.contains("idle_session_timeout = 3s")
+                && message.contains("below 9s")
+                && message.contains("SET idle_session_timeout = '10001ms'"),
+            "{message}"
+        );
+        assert!(advisory_entries(&operator, "idle").await.is_empty());
+        let sent = Instant::now();
+        let lease = client
+            .acquire(request("idle", Duration::from_secs(6)))
+            .await
+            .unwrap();
+        assert!(
+            lease.valid_until() <= sent + Duration::from_secs(3),
+            "valid for longer than the server keeps an idle session"
+        );
+        client.release(&lease).await.unwrap();
+    })
+    .await;
+}
+
+/// In session mode a holder whose server session is terminated
+/// (`pg_terminate_backend`) is told its lock is lost within seconds (the backend asks
+/// the server every second which held locks' sessions still exist), not at the
+/// watchdog's next probe, ttl/3 = 20 s after the grant. The other client is granted
+/// the lock the moment the session ends; the holder hears of it later, so the
+/// instants are recorded and the gap is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_terminated_holder_session_is_reported_lost_within_seconds_not_at_the_next_probe()
+ {
+    bounded(async {
+        let server = server().await;
+        let session_url = format!("{}?mode=session", server.url());
+        let holder = Locker::new(PostgresBackend::open(&session_url).await.unwrap());
+        let other = PostgresBackend::open(&session_url).await.unwrap();
+        let operator = open(&server).await;
+        let guard = holder.lock("killed").ttl(MINUTE).await.unwrap();
+        let (pid, _) = advisory_holder(&operator, "killed").await;
+        let lost = guard.lost();
+        let lost = tokio::spawn(async move { (lost.await, Instant::now()) });
+        let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(operator.pool())
+            .await
+            .unwrap();
+        assert!(terminated);
+        let killed = Instant::now();
+        let next = other
+            .acquire(request("killed", MINUTE).with_wait(WaitPolicy::Until(MINUTE)))
+            .await
+            .unwrap();
+        let granted = Instant::now();
+        let (err, lost_at) = tokio::time::timeout(Duration::from_secs(5), lost)
+            .await
+            .expect("reported lost within 5 s of the kill, not at the next probe (20 s)")
+            .unwrap();
+        assert!(err.is_lost(), "{err:?}");
+        assert!(!guard.is_held());
+        assert!(next.token() > guard.token());
+        eprintln!(
+            "lost reported {:?} after the kill, {:?} after the other client's grant",
+            lost_at - killed,
+            lost_at.saturating_duration_since(granted)
+        );
+    })
+    .await;
+}

@@ -86,6 +86,32 @@ const LOCK_CONFLICT_RETRIES: u32 = 5;
 /// returns on a multi-threaded tokio runtime), so it never takes the lock for nobody.
 /// Releasing a lease held by another client kills that client's session. Do not share
 /// one table between lease-mode and session-mode clients.
+///
+/// ## What a session lock can promise
+/// The server frees a named lock the moment its session ends, and tells nobody:
+/// `KILL`, `wait_timeout`, a server restart, or a connection reset by a firewall or
+/// load balancer in between. The next holder may be granted at once, while this
+/// client still believes it holds the lock, so:
+/// - an acquire whose TTL has a probe period (ttl/3, the watchdog's renewal period)
+///   not shorter than the session's `wait_timeout` fails with [`Error::Config`] before
+///   anything is taken, naming the setting, the longest TTL that fits and how to
+///   raise the setting (sqlx connects as a non-interactive client, so
+///   `interactive_timeout` does not apply; MariaDB's `idle_*transaction_timeout` do
+///   not either, as a held lock's connection is not in a transaction);
+/// - a lease's validity is at most `wait_timeout` from when its grant or last probe
+///   was sent, even where the TTL is longer;
+/// - once a second, while locks are held, one statement on a pool connection asks
+///   `information_schema.PROCESSLIST` which of the sessions holding them (held for a
+///   second or more) still exist; the locks of any that ended are reported lost at
+///   once through [`LockBackend::events`], so a guard's `lost()` resolves within about
+///   1–2 s of the session's end instead of at the next probe.
+///
+/// What remains: between the session's end and that report, this client may believe
+/// it holds a lock that another client already holds. Only the fencing token
+/// protects writes in that window. A `SET GLOBAL wait_timeout` after a lock was taken
+/// is not seen until its connection is opened again, and the check and the reports
+/// pause while the server cannot be reached (the lease's validity still bounds the
+/// belief).
 #[derive(Clone)]
 pub struct MySqlBackend {
     inner: Arc<Inner>,

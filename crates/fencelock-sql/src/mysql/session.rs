@@ -30,7 +30,11 @@
 //! session that ends), and also when its TTL passes without a renewal: the backend
 //! then closes the connection itself, so the TTL contract holds for clients that are
 //! alive but stopped renewing. The server never expires the lock by itself, so the
-//! TTL (and the lease's validity) runs from when the lock statement returned.
+//! TTL (and the lease's validity) runs from when the lock statement returned. The
+//! statement that learns a fresh connection's `CONNECTION_ID()` also reads its
+//! `wait_timeout`, which bounds the TTLs accepted and the validity promised (see
+//! [`crate::session_table`]); the sessions of held locks are checked in the process
+//! list once a second.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,6 +132,18 @@ pub(crate) type SessionLocks = crate::session_table::SessionLocks<MySqlConnectio
 impl SessionStatements for SessionQueries {
     type Conn = MySqlConnection;
 
+    const IDLE_SETTING: &'static str = "wait_timeout";
+
+    fn raise_idle_limit(needed: Duration) -> String {
+        let seconds = needed.as_secs() + 1;
+        format!(
+            "raise wait_timeout above {needed:?} for this user's sessions (SET GLOBAL \
+             wait_timeout = {seconds} or more, or wait_timeout in the server's \
+             configuration; sqlx connects as a non-interactive client, so \
+             interactive_timeout does not apply)"
+        )
+    }
+
     /// Whether this very server session holds the named lock (the session id is
     /// checked by the server: `IS_USED_LOCK(..) = CONNECTION_ID()`).
     async fn probe(&self, conn: &mut MySqlConnection, key: &str, _session: ServerSession) -> bool {
@@ -214,29 +230,38 @@ impl InFlight {
         if let Some(session) = self.session {
             return Ok(session);
         }
-        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+        // sqlx connects as a non-interactive client: `wait_timeout` ends its idle
+        // sessions (`interactive_timeout` does not apply).
+        let row = sqlx::query("SELECT CONNECTION_ID(), @@SESSION.wait_timeout")
             .fetch_one(self.conn())
             .await?;
+        let (id, idle): (u64, u64) = (row.try_get(0)?, row.try_get(1)?);
         let session = ServerSession {
             id: i64::try_from(id).unwrap_or(i64::MAX),
             started: 0,
+            idle_limit: (idle > 0).then(|| Duration::from_secs(idle)),
         };
         self.session = Some(session);
         Ok(session)
     }
 
-    /// Runs the lock statement, once the connection's server session is known. A
-    /// kept connection found dead (it died while idle) is closed and the statement
-    /// runs again on a fresh connection from the pool. Any other failure is the
-    /// caller's: the statement may have taken the lock before it failed, and only
+    /// Runs the lock statement, once the connection's server session is known and
+    /// can keep a lock for `ttl` (else [`SessionError::TtlRefused`], before anything is
+    /// taken). A kept connection found dead (it died while idle) is closed and the
+    /// statement runs again on a fresh connection from the pool. Any other failure is
+    /// the caller's: the statement may have taken the lock before it failed, and only
     /// dropping the attempt ends the session for sure.
     async fn lock<'q>(
         &mut self,
+        ttl: Duration,
         statement: impl Fn(ServerSession) -> Query<'q, MySql, MySqlArguments> + Send + Sync,
-    ) -> Result<MySqlQueryResult, sqlx::Error> {
+    ) -> Result<MySqlQueryResult, SessionError> {
         let session = self.identify().await?;
+        session
+            .check_ttl::<SessionQueries>(ttl)
+            .map_err(SessionError::TtlRefused)?;
         let reused = self.conn.as_ref().is_some_and(SessionConn::is_reused);
-        match statement(session).execute(self.conn()).await {
+        let done = match statement(session).execute(self.conn()).await {
             Err(err) if reused && connection_lost(&err) => {
                 tracing::debug!(store = STORE, %err, "an idle session connection failed");
                 if let Some(conn) = self.conn.take() {
@@ -245,10 +270,14 @@ impl InFlight {
                 self.session = None;
                 self.conn = Some(SessionConn::Pooled(self.pool.acquire().await?));
                 let session = self.identify().await?;
+                session
+                    .check_ttl::<SessionQueries>(ttl)
+                    .map_err(SessionError::TtlRefused)?;
                 statement(session).execute(self.conn()).await
             }
             done => done,
-        }
+        };
+        Ok(done?)
     }
 }
 
@@ -348,7 +377,16 @@ impl SessionMode for SessionQueries {
             let query = query.bind(req.owner.as_str()).bind(session.id);
             query.bind(key.as_bytes()).bind(seconds)
         };
-        let done = in_flight.lock(lock).await?;
+        let done = match in_flight.lock(req.ttl, lock).await {
+            Err(SessionError::TtlRefused(why)) => {
+                // Nothing was run on the connection: it goes back where it came from.
+                if let Some(conn) = in_flight.conn.take() {
+                    locks.put_back(conn).await;
+                }
+                return Err(SessionError::TtlRefused(why));
+            }
+            done => done?,
+        };
         // The server holds the lock until we end the session, which the TTL below
         // does: its time runs from here, after any wait.
         let returned = Instant::now();
@@ -421,6 +459,31 @@ impl SessionMode for SessionQueries {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// The sessions among `sessions` that the process list still shows (and not as
+    /// killed), 1,000 per statement.
+    async fn alive(
+        &self,
+        pool: &MySqlPool,
+        sessions: &[ServerSession],
+    ) -> Result<Vec<ServerSession>, sqlx::Error> {
+        let mut alive = Vec::new();
+        let mut conn = pool.acquire().await?;
+        for chunk in sessions.chunks(1000) {
+            let ids = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+                 WHERE ID IN ({ids}) AND COMMAND <> 'Killed'"
+            );
+            let mut query = sqlx::query_scalar::<_, i64>(&sql);
+            for session in chunk {
+                query = query.bind(session.id);
+            }
+            let listed = query.persistent(false).fetch_all(&mut *conn).await?;
+            alive.extend(chunk.iter().filter(|session| listed.contains(&session.id)));
+        }
+        Ok(alive)
     }
 
     /// The holder of `key` per the lease table, if a session holds its lock now.

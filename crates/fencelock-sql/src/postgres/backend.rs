@@ -80,6 +80,33 @@ use crate::{PostgresConfig, PostgresFenceGate};
 /// nobody.
 /// Releasing a lease held by another client ends that client's session. Do not share
 /// one table between lease-mode and session-mode clients.
+///
+/// ## What a session lock can promise
+/// The server frees a session lock the moment its session ends, and tells nobody:
+/// `pg_terminate_backend`, `idle_session_timeout`, a server restart, or a connection
+/// reset by a firewall or load balancer in between. The next holder may be granted at
+/// once, while this client still believes it holds the lock, so:
+/// - an acquire whose TTL has a probe period (ttl/3, the watchdog's renewal period)
+///   not shorter than the session's `idle_session_timeout` (Postgres 14 or later; 0,
+///   the default, is none) fails with [`Error::Config`] before anything is taken,
+///   naming the setting, the longest TTL that fits and how to raise the setting.
+///   `idle_in_transaction_session_timeout` does not apply (a held lock's connection
+///   is not in a transaction), nor do `tcp_keepalives_*` and `tcp_user_timeout`
+///   (they end only sessions whose client is unreachable);
+/// - a lease's validity is at most `idle_session_timeout` from when its grant or last
+///   probe was sent, even where the TTL is longer;
+/// - once a second, while locks are held, one statement on a pool connection asks
+///   `pg_stat_activity` which of the sessions holding them (held for a second or
+///   more) still exist, by pid and `backend_start`; the locks of any that ended are
+///   reported lost at once through [`LockBackend::events`], so a guard's `lost()`
+///   resolves within about 1–2 s of the session's end instead of at the next probe.
+///
+/// What remains: between the session's end and that report, this client may believe
+/// it holds a lock that another client already holds. Only the fencing token
+/// protects writes in that window. A setting changed by a reload after a lock was
+/// taken is not seen until its connection is opened again, and the check and the
+/// reports pause while the server cannot be reached (the lease's validity still
+/// bounds the belief).
 #[derive(Clone)]
 pub struct PostgresBackend {
     inner: Arc<Inner>,

@@ -30,9 +30,14 @@
 //! session that ends), and also when its TTL passes without a renewal: the backend
 //! then closes the connection itself, so the TTL contract holds for clients that are
 //! alive but stopped renewing. The server never expires the lock by itself, so the
-//! TTL (and the lease's validity) runs from when the lock statement returned.
+//! TTL (and the lease's validity) runs from when the lock statement returned. The
+//! statement that learns a fresh connection's pid also reads its
+//! `idle_session_timeout`, which bounds the TTLs accepted and the validity promised
+//! (see [`crate::session_table`]); the sessions of held locks are checked in
+//! `pg_stat_activity` once a second.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fencelock_core::{
     AcquireRequest, FencingToken, Lease, LockState, OwnerId, Result, WaitDeadline,
@@ -78,10 +83,12 @@ RETURNING token, pg_backend_pid()"#
         );
         Self {
             // The server session and when it started (µs since the epoch; 0 if
-            // unknown), which name it for `TERMINATE`.
+            // unknown), which name it for `TERMINATE`; and its `idle_session_timeout`
+            // in ms (0: none; not there before Postgres 14).
             session: "SELECT pg_backend_pid(), COALESCE((SELECT (extract(epoch FROM \
                       backend_start) * 1000000)::bigint FROM pg_stat_activity \
-                      WHERE pid = pg_backend_pid()), 0)"
+                      WHERE pid = pg_backend_pid()), 0), COALESCE((SELECT setting::bigint \
+                      FROM pg_settings WHERE name = 'idle_session_timeout'), 0)"
                 .to_owned(),
             // $1 key, $2 owner. Takes the lock if it is free and bumps the counter;
             // no row if the lock is held.
@@ -157,6 +164,17 @@ pub(crate) type SessionLocks = crate::session_table::SessionLocks<PgConnection>;
 impl SessionStatements for SessionQueries {
     type Conn = PgConnection;
 
+    const IDLE_SETTING: &'static str = "idle_session_timeout";
+
+    fn raise_idle_limit(needed: Duration) -> String {
+        let ms = needed.as_millis() + 1;
+        format!(
+            "raise idle_session_timeout above {needed:?} for these sessions (ALTER ROLE or \
+             ALTER DATABASE .. SET idle_session_timeout = '{ms}ms' or more, or 0 for none; \
+             in postgresql.conf, followed by a reload)"
+        )
+    }
+
     async fn probe(&self, conn: &mut PgConnection, _key: &str, session: ServerSession) -> bool {
         let pid = sqlx::query_scalar::<_, i32>(&self.probe)
             .fetch_one(conn)
@@ -217,28 +235,38 @@ impl InFlight {
             return Ok(session);
         }
         let row = sqlx::query(&queries.session).fetch_one(self.conn()).await?;
-        let (pid, started): (i32, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let (pid, started, idle): (i32, i64, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         let session = ServerSession {
             id: i64::from(pid),
             started,
+            idle_limit: u64::try_from(idle)
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
         };
         self.session = Some(session);
         Ok(session)
     }
 
-    /// Runs the lock statement, once the connection's server session is known. A
-    /// kept connection found dead (it died while idle) is closed and the statement
-    /// runs again on a fresh connection from the pool. Any other failure is the
-    /// caller's: the statement may have taken the lock before it failed, and only
+    /// Runs the lock statement, once the connection's server session is known and
+    /// can keep a lock for `ttl` (else [`SessionError::TtlRefused`], before anything is
+    /// taken). A kept connection found dead (it died while idle) is closed and the
+    /// statement runs again on a fresh connection from the pool. Any other failure is
+    /// the caller's: the statement may have taken the lock before it failed, and only
     /// dropping the attempt ends the session for sure.
     async fn lock<'q>(
         &mut self,
         queries: &SessionQueries,
+        ttl: Duration,
         statement: impl Fn() -> Query<'q, Postgres, PgArguments> + Send + Sync,
-    ) -> Result<Option<PgRow>, sqlx::Error> {
-        self.identify(queries).await?;
+    ) -> Result<Option<PgRow>, SessionError> {
+        let session = self.identify(queries).await?;
+        session
+            .check_ttl::<SessionQueries>(ttl)
+            .map_err(SessionError::TtlRefused)?;
         let reused = self.conn.as_ref().is_some_and(SessionConn::is_reused);
-        match statement().fetch_optional(self.conn()).await {
+        let row = match statement().fetch_optional(self.conn()).await {
             Err(err) if reused && connection_lost(&err) => {
                 tracing::debug!(store = STORE, %err, "an idle session connection failed");
                 if let Some(conn) = self.conn.take() {
@@ -246,11 +274,15 @@ impl InFlight {
                 }
                 self.session = None;
                 self.conn = Some(SessionConn::Pooled(self.pool.acquire().await?));
-                self.identify(queries).await?;
+                let session = self.identify(queries).await?;
+                session
+                    .check_ttl::<SessionQueries>(ttl)
+                    .map_err(SessionError::TtlRefused)?;
                 statement().fetch_optional(self.conn()).await
             }
             row => row,
-        }
+        };
+        Ok(row?)
     }
 }
 
@@ -378,14 +410,14 @@ impl SessionMode for SessionQueries {
         let locked = match &timeout {
             None => {
                 let statement = || sqlx::query(&self.try_lock).bind(key).bind(owner);
-                in_flight.lock(self, statement).await
+                in_flight.lock(self, req.ttl, statement).await
             }
             Some(timeout) => {
                 let statement = || {
                     let query = sqlx::query(&self.lock).bind(key).bind(owner);
                     query.bind(timeout.as_str())
                 };
-                in_flight.lock(self, statement).await
+                in_flight.lock(self, req.ttl, statement).await
             }
         };
         // The server holds the lock until we end the session, which the TTL below
@@ -401,7 +433,7 @@ impl SessionMode for SessionQueries {
                 }
                 return Ok(None);
             }
-            Err(err) if is_lock_timeout(&err) => {
+            Err(SessionError::Sql(err)) if is_lock_timeout(&err) => {
                 // Not taken, and the error rolled `lock_timeout` back: the connection
                 // is as it was.
                 if let Some(conn) = in_flight.conn.take() {
@@ -409,7 +441,14 @@ impl SessionMode for SessionQueries {
                 }
                 return Ok(None);
             }
-            Err(err) => return Err(err.into()),
+            Err(SessionError::TtlRefused(why)) => {
+                // Nothing was run on the connection: it goes back where it came from.
+                if let Some(conn) = in_flight.conn.take() {
+                    locks.put_back(conn).await;
+                }
+                return Err(SessionError::TtlRefused(why));
+            }
+            Err(err) => return Err(err),
         };
         let (token, locked_on): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
         let session = in_flight.session.expect("known before the lock statement");
@@ -442,6 +481,36 @@ impl SessionMode for SessionQueries {
             .fetch_optional(pool)
             .await?;
         Ok(ended.is_some())
+    }
+
+    /// The sessions among `sessions` that `pg_stat_activity` still lists, with the
+    /// same `backend_start` (a pid may be reused).
+    async fn alive(
+        &self,
+        pool: &PgPool,
+        sessions: &[ServerSession],
+    ) -> Result<Vec<ServerSession>, sqlx::Error> {
+        let pids: Vec<i32> = sessions
+            .iter()
+            .filter_map(|session| i32::try_from(session.id).ok())
+            .collect();
+        let listed: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT pid, COALESCE((extract(epoch FROM backend_start) * 1000000)::bigint, 0) \
+             FROM pg_stat_activity WHERE pid = ANY($1)",
+        )
+        .bind(pids)
+        .fetch_all(pool)
+        .await?;
+        Ok(sessions
+            .iter()
+            .filter(|session| {
+                listed.iter().any(|(pid, started)| {
+                    i64::from(*pid) == session.id
+                        && (session.started == 0 || *started == session.started)
+                })
+            })
+            .copied()
+            .collect())
     }
 
     /// The holder of `key` per the lease table, if a session holds its lock now.
