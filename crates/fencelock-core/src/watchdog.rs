@@ -239,7 +239,8 @@ impl Watchdog {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts renewing `lease` every `ttl/3` until it is deregistered, lost, or
+    /// Starts renewing `lease` every `ttl/3` (sooner when the store granted less
+    /// validity than that, see [`renewal_due`]) until it is deregistered, lost, or
     /// `max_hold` after now.
     pub(crate) fn register(
         self: &Arc<Self>,
@@ -248,8 +249,9 @@ impl Watchdog {
         max_hold: Option<Duration>,
     ) -> (u64, StatusReceiver) {
         let now = Instant::now();
+        let lease_valid_until = lease.valid_until();
         let (status, receiver) = status_channel(Status::Held {
-            valid_until: lease.valid_until(),
+            valid_until: lease_valid_until,
         });
         let mut registry = self.registry();
         registry.next_id += 1;
@@ -260,7 +262,7 @@ impl Watchdog {
                 lease,
                 ttl,
                 hold_until: max_hold.map(|d| now + d),
-                next_renew: now + ttl / 3,
+                next_renew: renewal_due(now, ttl, lease_valid_until),
                 renewing: false,
                 final_renewal_sent: false,
                 status,
@@ -272,7 +274,7 @@ impl Watchdog {
         }
         // The task looks again at `planned` anyway; wake it only if this lease is due
         // earlier (its first renewal comes before its validity ends).
-        let due = now + ttl / 3;
+        let due = renewal_due(now, ttl, lease_valid_until);
         let wake = !running || registry.planned.is_none_or(|planned| planned > due);
         drop(registry);
         if wake {
@@ -478,8 +480,8 @@ impl Watchdog {
             held.renewing = false;
             match result {
                 Ok(renewed) => {
-                    held.next_renew = sent + held.ttl / 3;
                     let valid_until = renewed.valid_until();
+                    held.next_renew = renewal_due(sent, held.ttl, valid_until);
                     held.lease = held.lease.clone().renewed(valid_until);
                     // A suspended session stays suspended until the store says it is
                     // back; only the validity moves.
@@ -521,6 +523,15 @@ async fn next_event(
         Some(events) => events.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// When a lease sent (or renewed) at `sent` is due for its next renewal: `ttl/3`
+/// later, or halfway to its `valid_until` if that comes first. A store may grant
+/// less validity than the TTL (a session store caps it at the session's own
+/// deadline); renewing at ttl/3 regardless would let such a lease run out first.
+fn renewal_due(sent: Instant, ttl: Duration, valid_until: Instant) -> Instant {
+    let halfway = sent + valid_until.saturating_duration_since(sent) / 2;
+    (sent + ttl / 3).min(halfway)
 }
 
 #[cfg(test)]

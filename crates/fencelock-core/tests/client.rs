@@ -398,3 +398,57 @@ async fn a_renewal_refused_for_a_reason_reports_that_reason() {
     let err = guard.lost().await;
     assert_lost(&err, LossReason::SessionEnded);
 }
+
+/// The memory store granting less validity than the TTL, as a session store does when
+/// it caps a lease at its session's deadline.
+#[derive(Debug, Clone, Default)]
+struct CappedValidity {
+    store: MemoryStore,
+}
+
+impl CappedValidity {
+    const CAP: Duration = Duration::from_millis(500);
+
+    fn cap(lease: Lease, sent: Instant) -> Lease {
+        let valid_until = lease.valid_until().min(sent + Self::CAP);
+        lease.renewed(valid_until)
+    }
+}
+
+#[async_trait]
+impl LockBackend for CappedValidity {
+    fn capabilities(&self) -> Capabilities {
+        self.store.capabilities()
+    }
+    async fn acquire(&self, req: AcquireRequest) -> Result<Lease> {
+        let sent = Instant::now();
+        Ok(Self::cap(self.store.acquire(req).await?, sent))
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let sent = Instant::now();
+        Ok(Self::cap(self.store.renew(lease, ttl).await?, sent))
+    }
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.store.release(lease).await
+    }
+    async fn inspect(&self, name: &LockName) -> Result<Option<LockState>> {
+        self.store.inspect(name).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_granted_less_validity_than_a_third_of_its_ttl_is_renewed_before_it_runs_out() {
+    let locker = Locker::new(CappedValidity::default());
+    // ttl/3 = 1 s, but each grant is valid for 500 ms only.
+    let guard = locker.lock("capped").ttl(TTL).await.unwrap();
+    tokio::time::sleep(TTL * 2).await;
+    assert!(
+        guard.is_held(),
+        "the lease ran out before the watchdog renewed it"
+    );
+    assert!(
+        guard.lost().now_or_never().is_none(),
+        "no loss was reported"
+    );
+    guard.release().await.unwrap();
+}
