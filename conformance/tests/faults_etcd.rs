@@ -47,17 +47,25 @@ async fn store_revision(client: &mut Client) -> i64 {
     got.header().unwrap().revision()
 }
 
-/// One counter from etcd's own `/metrics`.
-async fn metric(server: &EtcdServer, name: &str) -> f64 {
+/// etcd's own `/metrics` page. Asked in HTTP/1.0, so the body is not chunked (chunk
+/// sizes would split lines).
+async fn metrics(server: &EtcdServer) -> String {
     let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", server.port()))
         .await
         .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let mut body = String::new();
     conn.read_to_string(&mut body).await.unwrap();
-    body.lines()
+    body
+}
+
+/// One counter from etcd's own `/metrics`.
+async fn metric(server: &EtcdServer, name: &str) -> f64 {
+    metrics(server)
+        .await
+        .lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("etcd reports no metric {name}"))
 }
@@ -672,4 +680,234 @@ async fn run_with_a_leader_fault(fault: LeaderFault) {
             describe(&violations)
         );
     }
+}
+
+/// How the acquisition whose put was abandoned at the frozen member ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LateEnd {
+    /// It is granted (the retry's put, on a live member) and then released.
+    Released,
+    /// Another client holds the name: it gives up (`NoWait`) and deletes its key.
+    GaveUp,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_abandoned_at_a_frozen_member_leaves_no_key_after_release_once_it_resumes() {
+    // Rule: an acquisition whose put went to a frozen member (a follower, which
+    // forwards proposals to the leader), was abandoned there and retried on a live
+    // member, then released: once the frozen member resumes and has caught up, no key
+    // of our session remains under the name, and another client acquires it. (The
+    // client's cancellation of the abandoned try is lost on the way, as in a
+    // partition, so the resumed member surely proposes the put: with the cancellation
+    // right behind the request in its socket, it proposes it in about half the runs.)
+    late_put_after(LateEnd::Released).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_abandoned_at_a_frozen_member_leaves_no_key_after_giving_up_once_it_resumes() {
+    // Rule: as above, with the acquisition refused (`NoWait` behind another holder)
+    // instead of granted and released: once the frozen member resumes and has caught
+    // up, no key of our session remains, and the name is free after the holder's
+    // release.
+    late_put_after(LateEnd::GaveUp).await;
+}
+
+/// Bytes sent to loopback `port` and not yet read by the process listening there
+/// (`/proc/net/tcp`'s `rx_queue`, summed over that port's connections): what a
+/// frozen member has been sent meanwhile.
+fn unread_bytes(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let listening = *fields.get(3)? == "0A";
+            let unread = u64::from_str_radix(fields.get(4)?.split(':').nth(1)?, 16).ok()?;
+            (local == port && !listening).then_some(unread)
+        })
+        .sum()
+}
+
+/// The sum of every sample of `family` whose labels contain `label` (e.g. every
+/// `grpc_code` of one method), from one member's `/metrics`.
+async fn metric_sum(server: &EtcdServer, family: &str, label: &str) -> f64 {
+    metrics(server)
+        .await
+        .lines()
+        .filter(|line| line.starts_with(&format!("{family}{{")) && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The keys under `dir` attached to `lease`.
+async fn keys_on_lease(client: &mut Client, dir: &str, lease: i64) -> Vec<String> {
+    let got = client
+        .get(dir, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    got.kvs()
+        .iter()
+        .filter(|kv| kv.lease() == lease)
+        .map(|kv| kv.key_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn late_put_after(end: LateEnd) {
+    use fencelock_conformance::harness::EtcdCluster;
+    use fencelock_conformance::proxy::{Fault, FaultProxy};
+    use fencelock_etcd::etcd_client::{EventType, WatchOptions};
+    const NAME: &str = "late-put";
+    /// Txn requests a member applied and answered.
+    const TXN_OK: &str = "grpc_code=\"OK\",grpc_method=\"Txn\"";
+    let cluster = step("start a 3-member etcd", EtcdCluster::start())
+        .await
+        .expect("start a 3-member etcd");
+    let leader = step("find the leader", cluster.leader())
+        .await
+        .expect("a leader");
+    // A follower: it forwards the proposal of a request it reads late to the leader.
+    let frozen = (0..EtcdCluster::MEMBERS)
+        .find(|&i| i != leader)
+        .expect("a follower");
+    let endpoint = |i: usize| format!("http://{}", cluster.members()[i].addr());
+    let live: Vec<String> = (0..EtcdCluster::MEMBERS)
+        .filter(|&i| i != frozen)
+        .map(endpoint)
+        .collect();
+    let member = &cluster.members()[frozen];
+
+    // Our client knows only the follower (through a proxy) at first, so its first put
+    // goes there.
+    let proxy = FaultProxy::start(member.addr()).await.unwrap();
+    let ours = Arc::new(
+        step(
+            "connect to the follower",
+            EtcdBackend::connect_url(&format!("etcd://{}", proxy.addr())),
+        )
+        .await
+        .expect("connect"),
+    );
+    let session = ours.session_lease().expect("a live session");
+    let dir = ours.key_dir(&LockName::new(NAME).unwrap());
+    let other = Arc::new(
+        EtcdBackend::connect(EtcdConfig::new(live.iter().map(String::as_str)))
+            .await
+            .expect("connect another client to the live members"),
+    );
+    let mut op = Client::connect(&live, None).await.unwrap();
+    let held = match end {
+        LateEnd::Released => None,
+        LateEnd::GaveUp => Some(
+            other
+                .acquire(request(NAME, WaitPolicy::NoWait))
+                .await
+                .expect("the other client holds the name first"),
+        ),
+    };
+    let txns_before = metric_sum(member, "grpc_server_handled_total", TXN_OK).await;
+
+    member.pause().unwrap();
+    let before = unread_bytes(member.port());
+    let acquiring = {
+        let ours = ours.clone();
+        tokio::spawn(async move { ours.acquire(request(NAME, WaitPolicy::NoWait)).await })
+    };
+    // Bounded: 500 polls, 10 ms apart, until the put txn (a few hundred bytes) sits
+    // unread in the frozen member's socket.
+    let mut sent = false;
+    for _ in 0..500 {
+        if unread_bytes(member.port()) >= before + 150 {
+            sent = true;
+            break;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert!(sent, "the put never reached the frozen member's socket");
+    // Nothing more reaches the member on that connection: not the client's
+    // cancellation of the try, nor the connection's end.
+    proxy.set(Fault::Blackhole);
+    // The retry goes to the live members only.
+    for live in &live {
+        ours.client().add_endpoint(live).await.unwrap();
+    }
+    ours.client()
+        .remove_endpoint(format!("http://{}", proxy.addr()))
+        .await
+        .unwrap();
+    let outcome = step("the acquisition, retried on a live member", acquiring)
+        .await
+        .unwrap();
+    match (end, outcome) {
+        (LateEnd::Released, Ok(lease)) => {
+            step("release", ours.release(&lease)).await.unwrap();
+        }
+        (LateEnd::GaveUp, Err(Error::Contended { .. })) => {}
+        (end, outcome) => panic!("{end:?}: unexpected outcome {outcome:?}"),
+    }
+    if let Some(held) = &held {
+        other.release(held).await.unwrap();
+    }
+    assert!(
+        keys_on_lease(&mut op, &dir, session).await.is_empty(),
+        "a key of ours remained before the member resumed"
+    );
+    // Every put of a key of ours from now on is a late one (for the record).
+    let from = store_revision(&mut op).await + 1;
+    let mut late_puts = op
+        .watch(
+            dir.as_str(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+        )
+        .await
+        .unwrap();
+
+    member.resume().unwrap();
+    // Caught up: the member answered our late put, so the cluster has applied it.
+    let mut applied = false;
+    // Bounded: 400 polls, 25 ms apart.
+    for _ in 0..400 {
+        if metric_sum(member, "grpc_server_handled_total", TXN_OK).await > txns_before {
+            applied = true;
+            break;
+        }
+        sleep(Duration::from_millis(25)).await;
+    }
+    assert!(applied, "the resumed member never applied our late put");
+    let landed = {
+        let mut landed = 0;
+        // Bounded: at most 100 replies, each within 200 ms.
+        for _ in 0..100 {
+            let Ok(Ok(Some(reply))) =
+                timeout(Duration::from_millis(200), late_puts.message()).await
+            else {
+                break;
+            };
+            landed += reply
+                .events()
+                .iter()
+                .filter(|e| {
+                    e.event_type() == EventType::Put
+                        && e.kv().is_some_and(|kv| kv.lease() == session)
+                })
+                .count();
+        }
+        landed
+    };
+    eprintln!("{end:?}: the abandoned put landed late {landed} time(s)");
+
+    let left = keys_on_lease(&mut op, &dir, session).await;
+    assert!(
+        left.is_empty(),
+        "{end:?}: keys of ours remain after the frozen member caught up: {left:?}"
+    );
+    let taken = step(
+        "another client acquires the name",
+        other.acquire(request(NAME, WaitPolicy::Until(Duration::from_secs(10)))),
+    )
+    .await
+    .expect("the name is free once the frozen member caught up");
+    other.release(&taken).await.unwrap();
+    assert_eq!(ours.session_lease(), Some(session), "our session lives on");
 }

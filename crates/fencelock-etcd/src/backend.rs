@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions,
-    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
+    WatchStream,
 };
 use fencelock_core::{
     AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
@@ -19,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::EtcdConfig;
-use crate::session::Session;
+use crate::session::{Session, lease_not_found};
 
 /// The store's name in messages.
 pub(crate) const STORE: &str = "etcd";
@@ -49,6 +50,15 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// `etcdctl lock` uses, so the two exclude each other on the same name). The fencing
 /// token is that key's create revision. A waiter watches only the deletion of the key
 /// just before its own.
+///
+/// A put that went unanswered may still land later, even after its key was deleted: a
+/// frozen member that read it forwards it to the leader when it resumes. So every put
+/// also requires that a tombstone key, `{prefix}\0NAME/{lease:x}-{owner}/{n}` (`n`
+/// counts the tries of one acquisition with a new key), does not exist, and when a key
+/// any of whose puts went unanswered is deleted, that tombstone is written on the
+/// session lease in the same transaction: the late put then changes nothing, and the
+/// tombstone goes with the session. Lock names contain no NUL, so a tombstone is in no
+/// lock's queue, ours or `etcdctl lock`'s.
 ///
 /// One session lease per backend is kept alive by one keep-alive stream; renewals cost
 /// no writes (one read batch to confirm the keys). A grant not renewed within its TTL
@@ -93,7 +103,7 @@ struct Grants {
     session: Mutex<Option<Arc<Session>>>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Grant {
     /// The session lease the key is on.
     session: i64,
@@ -101,8 +111,17 @@ struct Grant {
     token: i64,
     /// When to delete the key; `None` while its acquisition is still running.
     reap_at: Option<Instant>,
-    /// After reaping, delete once more this much later: a dropped put may still land.
-    again_after: Option<Duration>,
+    /// The tombstone its puts require to be absent, while one of them may still land
+    /// (it was unanswered, or is in flight): deleting the key then writes it.
+    tomb: Option<Box<str>>,
+}
+
+impl Grant {
+    /// How to delete the key: with the tombstone, on the key's session lease, if a put
+    /// may still land.
+    fn retire(&self) -> Option<(&str, i64)> {
+        self.tomb.as_deref().map(|tomb| (tomb, self.session))
+    }
 }
 
 impl Grants {
@@ -117,25 +136,17 @@ impl Grants {
         current.as_ref().filter(|s| s.deadline().is_some()).cloned()
     }
 
-    /// Takes the keys due for deletion at `now` (a key to be deleted again stays,
-    /// due later).
+    /// Takes the keys due for deletion at `now`.
     fn due(&self, now: Instant) -> Vec<(String, Grant)> {
         let mut by_key = self.lock();
-        let mut due = Vec::new();
-        by_key.retain(|key, grant| match grant.reap_at {
-            Some(at) if at <= now => {
-                due.push((key.clone(), *grant));
-                match grant.again_after.take() {
-                    Some(later) => {
-                        grant.reap_at = Some(now + later);
-                        true
-                    }
-                    None => false,
-                }
-            }
-            _ => true,
-        });
-        due
+        let keys: Vec<String> = by_key
+            .iter()
+            .filter(|(_, grant)| grant.reap_at.is_some_and(|at| at <= now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| by_key.remove_entry(&key))
+            .collect()
     }
 
     /// The next instant a key falls due for deletion.
@@ -143,12 +154,18 @@ impl Grants {
         self.lock().values().filter_map(|g| g.reap_at).min()
     }
 
-    fn schedule(&self, key: &str, at: Instant, again_after: Option<Duration>) {
+    fn schedule(&self, key: &str, at: Instant) {
         if let Some(grant) = self.lock().get_mut(key) {
             grant.reap_at = Some(at);
-            grant.again_after = again_after;
         }
         self.wake.notify_one();
+    }
+
+    /// The tombstone of `key`, if a put of it may still land.
+    fn retire(&self, key: &str) -> Option<(String, i64)> {
+        let by_key = self.lock();
+        let grant = by_key.get(key)?;
+        grant.retire().map(|(tomb, lease)| (tomb.to_owned(), lease))
     }
 }
 
@@ -158,7 +175,10 @@ impl Grants {
 async fn reap(client: Client, grants: Arc<Grants>) {
     loop {
         for (key, grant) in grants.due(Instant::now()) {
-            if delete_own_key(&client, &key, grant.token).await.is_ok() {
+            if delete_own_key(&client, &key, grant.token, grant.retire())
+                .await
+                .is_ok()
+            {
                 continue;
             }
             let live = grants.live_session().map(|s| s.id());
@@ -172,7 +192,6 @@ async fn reap(client: Client, grants: Arc<Grants>) {
             );
             grants.lock().entry(key).or_insert(Grant {
                 reap_at: Some(Instant::now() + MAX_RETRY_PAUSE),
-                again_after: None,
                 ..grant
             });
         }
@@ -186,9 +205,41 @@ async fn reap(client: Client, grants: Arc<Grants>) {
 /// Deletes `key` if it still has create revision `token` (any revision when `token`
 /// is 0: the key is unique to one acquisition). Returns whether it was deleted.
 ///
+/// With `retire` = `(tomb, lease)` (a put of the key may still land), deletes the key
+/// whatever its create revision (a late put may have made it again), puts the
+/// tombstone on `lease` in the same transaction, and reports whether the key it deleted
+/// had create revision `token`. A dead `lease` took the key with it, and no put on it
+/// can land any more: that is `false`, not an error.
+///
 /// A try that etcd may have applied without answering is retried: the retry then
 /// finds the key gone and reports `false`.
-async fn delete_own_key(client: &Client, key: &str, token: i64) -> Result<bool> {
+async fn delete_own_key(
+    client: &Client,
+    key: &str,
+    token: i64,
+    retire: Option<(&str, i64)>,
+) -> Result<bool> {
+    if let Some((tomb, lease)) = retire {
+        let txn = Txn::new().and_then([
+            TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key())),
+            TxnOp::put(tomb, "", Some(PutOptions::new().with_lease(lease))),
+        ]);
+        let done = call("delete a lock key and write its tombstone", || {
+            let (mut kv, txn) = (client.kv_client(), txn.clone());
+            async move {
+                match kv.txn(txn).await {
+                    Err(err) if lease_not_found(&err) => Ok(None),
+                    done => done.map(Some),
+                }
+            }
+        })
+        .await?;
+        let deleted = done.into_iter().flat_map(|d| d.op_responses()).any(|op| {
+            matches!(op, TxnOpResponse::Delete(d)
+                if d.prev_kvs().iter().any(|kv| token == 0 || kv.create_revision() == token))
+        });
+        return Ok(deleted);
+    }
     if token == 0 {
         let deleted = call("delete an abandoned key", || {
             let mut kv = client.kv_client();
@@ -256,31 +307,43 @@ where
 }
 
 /// An acquisition's key until it is granted: dropped before that, it schedules the
-/// key's deletion (and one more later, in case the put was still in flight).
+/// key's deletion (with its tombstone while a put of it may still land).
 struct Pending<'a> {
     grants: &'a Grants,
     key: String,
-    ttl: Duration,
     armed: bool,
 }
 
 impl<'a> Pending<'a> {
-    fn new(grants: &'a Grants, key: String, session: i64, ttl: Duration) -> Self {
+    /// Registers `key` before its put is sent: until [`answered`](Self::answered), a
+    /// put of it may land at any time, so its deletion writes `tomb`.
+    fn new(grants: &'a Grants, key: String, session: i64, tomb: String) -> Self {
         grants.lock().insert(
             key.clone(),
             Grant {
                 session,
                 token: 0,
                 reap_at: None,
-                again_after: None,
+                tomb: Some(tomb.into_boxed_str()),
             },
         );
         Self {
             grants,
             key,
-            ttl,
             armed: true,
         }
+    }
+
+    /// The put was answered on its only try: no put of the key can land any more.
+    fn answered(&self) {
+        if let Some(grant) = self.grants.lock().get_mut(&self.key) {
+            grant.tomb = None;
+        }
+    }
+
+    /// How to delete the key (see [`Grant::retire`]).
+    fn retire(&self) -> Option<(String, i64)> {
+        self.grants.retire(&self.key)
     }
 
     fn set_token(&self, token: i64) {
@@ -291,7 +354,7 @@ impl<'a> Pending<'a> {
 
     /// The key now holds the lock: delete it at `reap_at` unless renewed.
     fn granted(mut self, reap_at: Instant) {
-        self.grants.schedule(&self.key, reap_at, None);
+        self.grants.schedule(&self.key, reap_at);
         self.armed = false;
     }
 
@@ -305,8 +368,7 @@ impl<'a> Pending<'a> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.grants
-                .schedule(&self.key, Instant::now(), Some(self.ttl));
+            self.grants.schedule(&self.key, Instant::now());
         }
     }
 }
@@ -428,6 +490,14 @@ impl EtcdBackend {
         format!("{}{}/", self.inner.config.prefix, name.as_str())
     }
 
+    /// The tombstone of the `attempt`-th key of an acquisition, `key` =
+    /// `{prefix}NAME/{lease:x}-{owner}`: `{prefix}\0NAME/{lease:x}-{owner}/{attempt}`.
+    fn tomb_key(&self, key: &str, attempt: usize) -> String {
+        let prefix = &self.inner.config.prefix;
+        let rest = key.strip_prefix(prefix.as_str()).unwrap_or(key);
+        format!("{prefix}\0{rest}/{attempt}")
+    }
+
     fn live_session(&self) -> Option<Arc<Session>> {
         self.inner.grants.live_session()
     }
@@ -469,18 +539,24 @@ impl EtcdBackend {
         Ok((queue(dir, got.kvs()).into_iter().cloned().collect(), rev))
     }
 
+    /// One try to be granted `req` with `session`, the `number`-th of the acquisition.
     async fn attempt(
         &self,
         req: &AcquireRequest,
         session: &Session,
         wait: &WaitDeadline,
+        number: usize,
     ) -> Attempt {
         let dir = self.key_dir(&req.name);
         let key = format!("{dir}{:x}-{}", session.id(), req.owner);
-        let pending = Pending::new(&self.inner.grants, key.clone(), session.id(), req.ttl);
+        let tomb = self.tomb_key(&key, number);
+        let pending = Pending::new(&self.inner.grants, key.clone(), session.id(), tomb.clone());
         let mut sent = Instant::now();
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .when([
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Compare::version(tomb.as_str(), CompareOp::Equal, 0),
+            ])
             .and_then([
                 TxnOp::put(
                     key.as_str(),
@@ -491,8 +567,12 @@ impl EtcdBackend {
             ])
             .or_else([TxnOp::get(key.as_str(), None)]);
         // A try that etcd applied without answering is recognised on the next try:
-        // the key then exists on our session lease, and we carry on with it.
+        // the key then exists on our session lease, and we carry on with it. One that
+        // etcd has not applied yet may still be applied later: unless the first try
+        // was answered, deleting the key writes the tombstone that makes it a no-op.
+        let mut tries = 0_usize;
         let put = match call(&format!("acquire `{}`", req.name), || {
+            tries += 1;
             let (mut kv, txn) = (self.inner.client.kv_client(), txn.clone());
             async move { kv.txn(txn).await }
         })
@@ -501,6 +581,9 @@ impl EtcdBackend {
             Ok(put) => put,
             Err(err) => return Attempt::Done(Err(err)),
         };
+        if tries == 1 {
+            pending.answered();
+        }
         let (mine, keys) = if put.succeeded() {
             let mine = revision(put.header());
             let keys = match put.op_responses().into_iter().nth(1) {
@@ -542,6 +625,19 @@ impl EtcdBackend {
             // Our key must still be there (the Jepsen check: a waiter whose session
             // expired must not take the lock just because its predecessor went away).
             let Some(place) = keys.iter().position(|kv| kv.create_revision() == mine) else {
+                // The next attempt may reuse the key: a put of this one must not land.
+                if let Some((tomb, lease)) = pending.retire() {
+                    let retired = delete_own_key(
+                        &self.inner.client,
+                        &key,
+                        mine,
+                        Some((tomb.as_str(), lease)),
+                    )
+                    .await;
+                    if let Err(err) = retired {
+                        return Attempt::Done(Err(err));
+                    }
+                }
                 pending.deleted();
                 return Attempt::Again(lost_while_waiting(&req.name));
             };
@@ -593,7 +689,12 @@ impl EtcdBackend {
         req: &AcquireRequest,
         wait: &WaitDeadline,
     ) -> Error {
-        if delete_own_key(&self.inner.client, key, token).await.is_ok() {
+        let retire = pending.retire();
+        let retire = retire.as_ref().map(|(tomb, lease)| (tomb.as_str(), *lease));
+        if delete_own_key(&self.inner.client, key, token, retire)
+            .await
+            .is_ok()
+        {
             pending.deleted();
         }
         wait.give_up(&req.name, STORE)
@@ -661,9 +762,9 @@ impl LockBackend for EtcdBackend {
         fencelock_core::check_ttl(req.ttl)?;
         let wait = WaitDeadline::start(req.wait);
         let mut last = None;
-        for _ in 0..MAX_SESSIONS_PER_ACQUIRE {
+        for number in 0..MAX_SESSIONS_PER_ACQUIRE {
             let session = self.session().await?;
-            match self.attempt(&req, &session, &wait).await {
+            match self.attempt(&req, &session, &wait, number).await {
                 Attempt::Done(result) => return result,
                 Attempt::Again(err) => last = Some(err),
             }
@@ -749,7 +850,13 @@ impl LockBackend for EtcdBackend {
                     }
                     (_, _, None) => Err(lost(lease, LossReason::SessionEnded)),
                     _ => {
-                        grants.remove(key);
+                        // A put of the key that may still land would make it again:
+                        // the reaper deletes it and writes the tombstone.
+                        if let Some(mut gone) = grants.remove(key).filter(|g| g.tomb.is_some()) {
+                            gone.reap_at = Some(Instant::now());
+                            grants.insert(key.to_owned(), gone);
+                            self.inner.grants.wake.notify_one();
+                        }
                         let _ = self.inner.events.send(StoreEvent::LeaseLost {
                             name: lease.name().clone(),
                             owner: lease.owner().clone(),
@@ -772,7 +879,8 @@ impl LockBackend for EtcdBackend {
         };
         let token = token_of(lease);
         let known = self.inner.grants.lock().remove(key);
-        match delete_own_key(&self.inner.client, key, token).await {
+        let retire = known.as_ref().and_then(Grant::retire);
+        match delete_own_key(&self.inner.client, key, token, retire).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(lost(lease, LossReason::NotOurs)),
             Err(err) => {

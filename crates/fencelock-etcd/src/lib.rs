@@ -45,6 +45,13 @@
 //!   a key whose deletion failed is deleted again while its session lives. The
 //!   keep-alive stream is re-opened when a keep-alive goes unanswered for a third of
 //!   the session TTL.
+//! - An abandoned try can still be applied later, after the key was released or given
+//!   up (a frozen member proposes the put it read when it resumes). Each put therefore
+//!   also requires that a tombstone key `{prefix}\0NAME/{lease:x}-{owner}/{n}` does
+//!   not exist, and deleting a key any of whose puts went unanswered writes that
+//!   tombstone, on the session lease, in the same transaction: a late put changes
+//!   nothing, and the tombstones (one per such acquisition) go with the session. An
+//!   acquisition whose put is answered at once writes none.
 //! - Names that are prefixes of others at a `/` (`a` and `a/b`) are kept apart by this
 //!   driver, but `etcdctl lock a` would queue behind holders of `a/b`.
 //! - Plain HTTP only: TLS is not supported yet.

@@ -200,8 +200,9 @@ async fn keep_alive(
     let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_client().revoke(id)).await;
 }
 
-/// Whether opening a keep-alive stream failed because the lease no longer exists.
-fn lease_not_found(err: &etcd_client::Error) -> bool {
+/// Whether a request failed because the lease it names no longer exists (opening a
+/// keep-alive stream, or a put on it).
+pub(crate) fn lease_not_found(err: &etcd_client::Error) -> bool {
     match err {
         etcd_client::Error::LeaseKeepAliveError(text) => text.contains("not found"),
         etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
