@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the store servers the test suite starts on loopback (Debian packages), plus
-# protoc and the well-known protos (libprotobuf-dev) for the etcd client, openssl (test certificates for rediss://), pgbouncer (the
-# pooling-proxy test), faketime (the wrong-client-clock test) and a JDK when javac is
-# missing (the Curator-layout interop test). Idempotent: installs only what is missing.
+# protoc and the well-known protos (libprotobuf-dev) for the etcd client's build,
+# openssl (test certificates), pgbouncer (the pooling-proxy test), faketime (the
+# wrong-client-clock test), python3-kazoo (the kazoo interop test) and a JDK when javac
+# is missing (the Curator-layout interop test). Idempotent: installs only what is
+# missing.
 #
 #   scripts/install-stores.sh
 set -euo pipefail
 
-packages=(redis-server etcd-server etcd-client zookeeper mariadb-server mariadb-client postgresql postgresql-client protobuf-compiler libprotobuf-dev pgbouncer faketime openssl)
+packages=(redis-server etcd-server etcd-client zookeeper python3-kazoo mariadb-server mariadb-client postgresql postgresql-client protobuf-compiler libprotobuf-dev pgbouncer faketime openssl)
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -45,6 +45,7 @@ need postgresql-client "pg_isready is not on PATH" on_path pg_isready
 need pgbouncer "pgbouncer is not on PATH (the pooling-proxy test)" on_path pgbouncer
 need faketime "faketime is not on PATH (the wrong-client-clock test)" on_path faketime
 need openssl "openssl is not on PATH (test certificates)" on_path openssl
+need python3-kazoo "Debian's python3 cannot import kazoo (the kazoo interop test)" /usr/bin/python3 -c "import kazoo"
 if [ ${#problems[@]} -gt 0 ]; then
     printf 'test.sh: cannot build or test:\n' >&2
     printf '  - %s\n' "${problems[@]}" >&2

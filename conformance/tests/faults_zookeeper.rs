@@ -116,8 +116,10 @@ async fn expired_session_loses_every_guard_and_the_next_holder_has_a_higher_czxi
             matches!(
                 err,
                 Error::Lost {
-                    // The node deletion may be heard before the expiry itself.
-                    reason: LossReason::SessionEnded | LossReason::NotOurs,
+                    // The node deletion may be heard before the expiry itself, and
+                    // the guard's validity, capped at the session's deadline, runs
+                    // out before the server expires the session.
+                    reason: LossReason::SessionEnded | LossReason::NotOurs | LossReason::Expired,
                     ..
                 }
             ),

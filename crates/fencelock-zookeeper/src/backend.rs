@@ -8,6 +8,7 @@ use std::time::Duration;
 use fencelock_core::{
     AcquireRequest, Capabilities, Error, FencingToken, Lease, LeaseKind, LockBackend, LockName,
     LockState, LossReason, OwnerId, Result, StoreEvent, WaitDeadline, WaitKind, async_trait,
+    valid_until,
 };
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -541,7 +542,9 @@ impl LockBackend for ZooKeeperBackend {
                             owner: req.owner.clone(),
                             token,
                             version: stat.version,
-                            deadline: valid,
+                            // The node lives for the TTL; only the guard's belief is
+                            // capped by the session.
+                            deadline: valid_until(sent, req.ttl),
                             session: Arc::downgrade(&session),
                         },
                         req.ttl,
@@ -652,7 +655,7 @@ impl LockBackend for ZooKeeperBackend {
             results.push(match read.await {
                 Ok(Some(stat)) if token_of(&stat) == lease.token() => {
                     let valid = session.validity(sent, *ttl);
-                    if grants.extend(path, lease.token(), valid) {
+                    if grants.extend(path, lease.token(), valid_until(sent, *ttl)) {
                         Ok(lease.clone().renewed(valid))
                     } else {
                         Err(lost(lease))

@@ -109,18 +109,12 @@ impl Session {
     }
 
     /// The validity of a grant confirmed by a read sent at `sent` for `ttl`: the TTL's,
-    /// capped by the session's [deadline](Self::deadline) when the watchdog's next
-    /// renewal (a third of the TTL on) and one retry (a tenth) come before it. A longer
-    /// TTL keeps its own validity, and the session's deadline is enforced by the
-    /// monitor, which reports every grant lost when it passes without an answer.
+    /// capped by the session's [deadline](Self::deadline), so no guard believes it
+    /// holds past the instant the server could expire the session. The client's
+    /// watchdog renews halfway to that validity when it comes before a third of the
+    /// TTL, and each renewal's `sync` moves the deadline on.
     pub(crate) fn validity(&self, sent: Instant, ttl: Duration) -> Instant {
-        let by_ttl = valid_until(sent, ttl);
-        let by_session = self.deadline();
-        if by_session >= sent + ttl / 3 + ttl / 10 {
-            by_ttl.min(by_session)
-        } else {
-            by_ttl
-        }
+        valid_until(sent, ttl).min(self.deadline())
     }
 }
 
