@@ -66,6 +66,12 @@ pub(crate) trait SessionMode: SessionStatements<Conn: 'static> + Sized + 'static
         key: &str,
     ) -> impl Future<Output = Result<Option<LockState>, sqlx::Error>> + Send;
 
+    /// The server session of a connection of `pool`, with its idle limit.
+    fn session_of(
+        &self,
+        pool: &Pool<Self::Db>,
+    ) -> impl Future<Output = Result<ServerSession, sqlx::Error>> + Send;
+
     /// Which of `sessions` the server still runs (one statement on a connection of
     /// `pool`).
     fn alive(
@@ -190,6 +196,23 @@ impl<D: Dialect, S: SessionMode<Db = D::Db>> ServerLocks<D, S> {
             ));
         }
         Ok(lease)
+    }
+
+    /// Fails with [`Error::Config`] if session mode cannot keep a lock for `ttl` (see
+    /// [`ServerSession::check_ttl`]), judged on a connection of the pool; `Ok` in
+    /// lease mode, where the server keeps no session for a lock.
+    pub(crate) async fn check_ttl(&self, ttl: Duration) -> Result<()> {
+        let Some(session) = &self.session else {
+            return Ok(());
+        };
+        let server = session
+            .queries
+            .session_of(self.lease.pool())
+            .await
+            .map_err(|err| self.lease.failed("read the session's idle timeout", err))?;
+        server
+            .check_ttl::<S>(ttl)
+            .map_err(|why| Error::config(format!("{}: {why}", self.lease.context("ttl"))))
     }
 
     /// [`LockBackend::events`](fencelock_core::LockBackend::events): in session mode,

@@ -792,6 +792,15 @@ async fn session_mode_refuses_a_ttl_whose_probe_period_outlasts_idle_session_tim
             server.url().replace("postgres@", "locker@")
         );
         let client = PostgresBackend::open(&url).await.unwrap();
+        // Checked up front, right after connecting, for a default TTL.
+        let checked = client.check_ttl(Duration::from_secs(30)).await;
+        assert!(
+            matches!(&checked, Err(Error::Config { message }) if message.contains("idle_session_timeout = 3s")),
+            "{checked:?}"
+        );
+        client.check_ttl(Duration::from_secs(6)).await.unwrap();
+        // Lease mode keeps no session for a lock: any TTL will do.
+        operator.check_ttl(Duration::from_secs(30)).await.unwrap();
         let refused = client
             .acquire(request("idle", Duration::from_secs(30)))
             .await;

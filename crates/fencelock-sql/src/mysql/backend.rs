@@ -203,6 +203,19 @@ impl MySqlBackend {
             .map_err(|err| lease.failed("create the lease table", err))
     }
 
+    /// Checks that a lock with `ttl` can be kept, before any is taken: for the
+    /// default TTL a service will use, right after [`connect`](Self::connect). In
+    /// session mode the server's idle timeout for a new session (`wait_timeout`) must be
+    /// longer than the watchdog's probe period, ttl/3; an acquire with a TTL that does
+    /// not fit fails the same way. Always `Ok` in lease mode.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting, the longest TTL that fits and how to
+    /// raise the setting; [`Error::Backend`] if the server cannot be asked.
+    pub async fn check_ttl(&self, ttl: Duration) -> Result<()> {
+        self.locks().check_ttl(ttl).await
+    }
+
     /// The connection pool, for operator statements in tests and tools. Rows are
     /// keyed by [`MySqlConfig::prefix`] + the name.
     pub fn pool(&self) -> &MySqlPool {

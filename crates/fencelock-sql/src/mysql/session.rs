@@ -195,6 +195,21 @@ pub(crate) async fn behind_transaction_pooling(pool: &MySqlPool) -> Result<bool,
     Ok(other == before || after != before)
 }
 
+/// The server session of `conn` and its idle limit: one statement. sqlx connects as
+/// a non-interactive client, so `wait_timeout` ends its idle sessions
+/// (`interactive_timeout` does not apply).
+async fn identify(conn: &mut MySqlConnection) -> Result<ServerSession, sqlx::Error> {
+    let row = sqlx::query("SELECT CONNECTION_ID(), @@SESSION.wait_timeout")
+        .fetch_one(conn)
+        .await?;
+    let (id, idle): (u64, u64) = (row.try_get(0)?, row.try_get(1)?);
+    Ok(ServerSession {
+        id: i64::try_from(id).unwrap_or(i64::MAX),
+        started: 0,
+        idle_limit: (idle > 0).then(|| Duration::from_secs(idle)),
+    })
+}
+
 /// The longest `GET_LOCK` wait, a year: MariaDB refuses a negative (endless) one.
 const FOREVER_SECONDS: f64 = 31_536_000.0;
 
@@ -230,17 +245,7 @@ impl InFlight {
         if let Some(session) = self.session {
             return Ok(session);
         }
-        // sqlx connects as a non-interactive client: `wait_timeout` ends its idle
-        // sessions (`interactive_timeout` does not apply).
-        let row = sqlx::query("SELECT CONNECTION_ID(), @@SESSION.wait_timeout")
-            .fetch_one(self.conn())
-            .await?;
-        let (id, idle): (u64, u64) = (row.try_get(0)?, row.try_get(1)?);
-        let session = ServerSession {
-            id: i64::try_from(id).unwrap_or(i64::MAX),
-            started: 0,
-            idle_limit: (idle > 0).then(|| Duration::from_secs(idle)),
-        };
+        let session = identify(self.conn()).await?;
         self.session = Some(session);
         Ok(session)
     }
@@ -459,6 +464,11 @@ impl SessionMode for SessionQueries {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// A session of a connection from `pool`.
+    async fn session_of(&self, pool: &MySqlPool) -> Result<ServerSession, sqlx::Error> {
+        identify(&mut *pool.acquire().await?).await
     }
 
     /// The sessions among `sessions` that the process list still shows (and not as

@@ -234,17 +234,7 @@ impl InFlight {
         if let Some(session) = self.session {
             return Ok(session);
         }
-        let row = sqlx::query(&queries.session).fetch_one(self.conn()).await?;
-        let (pid, started, idle): (i32, i64, i64) =
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-        let session = ServerSession {
-            id: i64::from(pid),
-            started,
-            idle_limit: u64::try_from(idle)
-                .ok()
-                .filter(|ms| *ms > 0)
-                .map(Duration::from_millis),
-        };
+        let session = identify(self.conn(), queries).await?;
         self.session = Some(session);
         Ok(session)
     }
@@ -284,6 +274,23 @@ impl InFlight {
         };
         Ok(row?)
     }
+}
+
+/// The server session of `conn` and its idle limit: one statement.
+async fn identify(
+    conn: &mut PgConnection,
+    queries: &SessionQueries,
+) -> Result<ServerSession, sqlx::Error> {
+    let row = sqlx::query(&queries.session).fetch_one(conn).await?;
+    let (pid, started, idle): (i32, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    Ok(ServerSession {
+        id: i64::from(pid),
+        started,
+        idle_limit: u64::try_from(idle)
+            .ok()
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
+    })
 }
 
 /// Whether `err` says the connection is gone: it failed, or the server ended its
@@ -481,6 +488,11 @@ impl SessionMode for SessionQueries {
             .fetch_optional(pool)
             .await?;
         Ok(ended.is_some())
+    }
+
+    /// A session of a connection from `pool`.
+    async fn session_of(&self, pool: &PgPool) -> Result<ServerSession, sqlx::Error> {
+        identify(&mut *pool.acquire().await?, self).await
     }
 
     /// The sessions among `sessions` that `pg_stat_activity` still lists, with the
