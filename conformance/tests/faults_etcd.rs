@@ -700,7 +700,7 @@ async fn put_abandoned_at_a_frozen_member_leaves_no_key_after_release_once_it_re
     // client's cancellation of the abandoned try is lost on the way, as in a
     // partition, so the resumed member surely proposes the put: with the cancellation
     // right behind the request in its socket, it proposes it in about half the runs.)
-    late_put_after(LateEnd::Released).await;
+    late_put_after(LateEnd::Released, Frozen::Follower).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -709,7 +709,26 @@ async fn put_abandoned_at_a_frozen_member_leaves_no_key_after_giving_up_once_it_
     // instead of granted and released: once the frozen member resumes and has caught
     // up, no key of our session remains, and the name is free after the holder's
     // release.
-    late_put_after(LateEnd::GaveUp).await;
+    late_put_after(LateEnd::GaveUp, Frozen::Follower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_abandoned_at_a_frozen_leader_leaves_no_key_after_release_once_it_resumes() {
+    // Rule: as the first, with the leader frozen instead: the others elect a new one,
+    // and the resumed old leader either proposes our put before it learns it was
+    // deposed (the entry is then dropped) or forwards it to the new leader, which
+    // applies it. Either way, once it has answered the put, no key of our session
+    // remains and another client acquires the name.
+    late_put_after(LateEnd::Released, Frozen::Leader).await;
+}
+
+/// Which member the abandoned put is sent to, frozen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frozen {
+    /// A follower: it forwards the put to the leader when it resumes, always.
+    Follower,
+    /// The leader: deposed while frozen; it may drop the put or forward it.
+    Leader,
 }
 
 /// Bytes sent to loopback `port` and not yet read by the process listening there
@@ -754,12 +773,13 @@ async fn keys_on_lease(client: &mut Client, dir: &str, lease: i64) -> Vec<String
         .collect()
 }
 
-async fn late_put_after(end: LateEnd) {
+async fn late_put_after(end: LateEnd, which: Frozen) {
     use fencelock_conformance::harness::EtcdCluster;
     use fencelock_conformance::proxy::{Fault, FaultProxy};
     use fencelock_etcd::etcd_client::{EventType, WatchOptions};
     const NAME: &str = "late-put";
-    /// Txn requests a member applied and answered.
+    /// Txn requests a member answered, and those it applied.
+    const TXN: &str = "grpc_method=\"Txn\"";
     const TXN_OK: &str = "grpc_code=\"OK\",grpc_method=\"Txn\"";
     let cluster = step("start a 3-member etcd", EtcdCluster::start())
         .await
@@ -767,10 +787,12 @@ async fn late_put_after(end: LateEnd) {
     let leader = step("find the leader", cluster.leader())
         .await
         .expect("a leader");
-    // A follower: it forwards the proposal of a request it reads late to the leader.
-    let frozen = (0..EtcdCluster::MEMBERS)
-        .find(|&i| i != leader)
-        .expect("a follower");
+    let frozen = match which {
+        Frozen::Leader => leader,
+        Frozen::Follower => (0..EtcdCluster::MEMBERS)
+            .find(|&i| i != leader)
+            .expect("a follower"),
+    };
     let endpoint = |i: usize| format!("http://{}", cluster.members()[i].addr());
     let live: Vec<String> = (0..EtcdCluster::MEMBERS)
         .filter(|&i| i != frozen)
@@ -806,7 +828,8 @@ async fn late_put_after(end: LateEnd) {
                 .expect("the other client holds the name first"),
         ),
     };
-    let txns_before = metric_sum(member, "grpc_server_handled_total", TXN_OK).await;
+    let answered_before = metric_sum(member, "grpc_server_handled_total", TXN).await;
+    let applied_before = metric_sum(member, "grpc_server_handled_total", TXN_OK).await;
 
     member.pause().unwrap();
     let before = unread_bytes(member.port());
@@ -864,17 +887,25 @@ async fn late_put_after(end: LateEnd) {
         .unwrap();
 
     member.resume().unwrap();
-    // Caught up: the member answered our late put, so the cluster has applied it.
-    let mut applied = false;
-    // Bounded: 400 polls, 25 ms apart.
-    for _ in 0..400 {
-        if metric_sum(member, "grpc_server_handled_total", TXN_OK).await > txns_before {
-            applied = true;
+    // Caught up: the member answered our late put. Answered OK, the cluster applied
+    // it; answered otherwise, its entry was dropped (a deposed leader's) or never
+    // proposed. A follower whose connection stayed open always proposes it.
+    let mut answered = false;
+    // Bounded: 800 polls, 25 ms apart (etcd answers a proposal that is not applied
+    // after its 7 s request timeout).
+    for _ in 0..800 {
+        if metric_sum(member, "grpc_server_handled_total", TXN).await > answered_before {
+            answered = true;
             break;
         }
         sleep(Duration::from_millis(25)).await;
     }
-    assert!(applied, "the resumed member never applied our late put");
+    assert!(answered, "the resumed member never answered our late put");
+    let applied = metric_sum(member, "grpc_server_handled_total", TXN_OK).await > applied_before;
+    assert!(
+        applied || which == Frozen::Leader,
+        "the resumed follower did not apply our late put"
+    );
     let landed = {
         let mut landed = 0;
         // Bounded: at most 100 replies, each within 200 ms.
@@ -895,12 +926,15 @@ async fn late_put_after(end: LateEnd) {
         }
         landed
     };
-    eprintln!("{end:?}: the abandoned put landed late {landed} time(s)");
+    eprintln!(
+        "{end:?}, {which:?} frozen: the late put applied: {applied}; it made a key of ours \
+         {landed} time(s)"
+    );
 
     let left = keys_on_lease(&mut op, &dir, session).await;
     assert!(
         left.is_empty(),
-        "{end:?}: keys of ours remain after the frozen member caught up: {left:?}"
+        "{end:?}, {which:?} frozen: keys of ours remain after it caught up: {left:?}"
     );
     let taken = step(
         "another client acquires the name",
