@@ -80,7 +80,7 @@ struct StatusArgs {
 
 /// Durations read like `500ms`, `10s`, `2m`, `1h`.
 fn duration(text: &str) -> Result<Duration, String> {
-    fencelock::url::parse_duration(text).map_err(|err| err.to_string())
+    fencelock::driver::url::parse_duration(text).map_err(|err| err.to_string())
 }
 
 /// The store URL to use, or a message saying how to give one.

@@ -45,7 +45,20 @@
 mod connect;
 
 pub use connect::{SchemeInfo, connect, open_backend, schemes};
-pub use fencelock_core::*;
+pub use fencelock_core::{
+    AcquireRequest, BoxError, Capabilities, Error, FenceGate, FencingToken, HeldLock, Lease,
+    LeaseKind, LockBackend, LockGuard, LockName, LockRequest, LockState, Locker, LockerOptions,
+    LossReason, MemoryFenceGate, MemoryStore, OwnerId, Result, StoreEvent, WaitKind, WaitPolicy,
+};
+
+/// For authors of store drivers, not for users of locks: the pieces a
+/// [`LockBackend`] implementation shares with the built-in drivers (URL parsing, wait
+/// deadlines, validity arithmetic, the in-process wake-up of waiters).
+pub mod driver {
+    pub use fencelock_core::{
+        WaitDeadline, async_trait, check_ttl, drift_allowance, url, valid_until, wake,
+    };
+}
 
 /// The etcd store.
 #[cfg(feature = "etcd")]
