@@ -59,3 +59,31 @@ async fn fixture() -> EtcdFixture {
 
 fencelock_conformance::conformance_tests!(fixture);
 fencelock_conformance::fault_tests!(fixture, env!("CARGO_BIN_EXE_fencelock-worker"));
+
+/// A guard whose TTL is many times the session's (30 s on a 2 s session) stays held
+/// past several session TTLs: the driver caps a lease's validity at the session's
+/// deadline, and the watchdog renews before that validity runs out, not only at ttl/3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_longer_than_the_session_keeps_its_lock_past_the_session_ttl() {
+    let fixture = fixture().await;
+    let locker = fencelock_core::Locker::with_options(
+        fixture.backend().await.expect("connect"),
+        fencelock_core::LockerOptions::default(),
+    );
+    let guard = locker
+        .lock("long-ttl")
+        .ttl(std::time::Duration::from_secs(30))
+        .await
+        .expect("a free lock");
+    // Two and a half session TTLs: a lease still valid only to its first session
+    // deadline would have been reported lost by now.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(
+        guard.is_held(),
+        "the lock was lost before its first renewal"
+    );
+    guard
+        .release()
+        .await
+        .expect("the holder releases a lock it still holds");
+}
