@@ -1293,3 +1293,102 @@ async fn a_late_hand_off_leaves_the_waiter_registered_and_quiet() {
     })
     .await;
 }
+
+/// Mutual exclusion while valid, without any pause: a grant handed to a waiter that an
+/// attempt of its own then undid (the attempt's reply timed out, and its undo released
+/// the grant by owner and handed it to the next waiter) grants nothing when its message
+/// arrives after the waiter's next attempt was refused. The waiter's link delays 3 s
+/// each way while its fallback attempt goes out (its 2 s timeout expires, the undo
+/// follows it on the same connection, then the next attempt), and the first holder's
+/// release hands the lock to the waiter just before that attempt. The other waiter,
+/// handed the lock by the undo, must hold it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_undone_by_a_timed_out_attempt_grants_nothing() {
+    bounded(async {
+        let server = server().await;
+        let proxy = FaultProxy::start(server.addr()).await.expect("proxy");
+        let mut admin = operator(&server.url()).await;
+        let first = RedisBackend::open(&server.url()).await.expect("connect");
+        let other = RedisBackend::open(&server.url()).await.expect("connect");
+        let waiter = RedisBackend::open(&format!("redis://{}/?timeout=2s", proxy.addr()))
+            .await
+            .expect("connect");
+        let lock = name("undone-hand-off");
+        // The waiter's fallback attempt goes out at the first holder's remaining time.
+        let fallback = Duration::from_secs(3);
+        let held = first
+            .acquire(request(&lock, fallback, WaitPolicy::NoWait))
+            .await
+            .expect("free");
+        let waiting = {
+            let (waiter, lock) = (waiter.clone(), lock.clone());
+            tokio::spawn(async move {
+                let result = waiter
+                    .acquire(request(
+                        &lock,
+                        Duration::from_secs(10),
+                        WaitPolicy::Until(Duration::from_secs(40)),
+                    ))
+                    .await;
+                (result, Instant::now())
+            })
+        };
+        wait_for_queue(&mut admin, &lock, 1).await;
+        let queued_at = Instant::now();
+        let taken = spawn_waiter(&other, &lock, Duration::from_secs(40));
+        wait_for_queue(&mut admin, &lock, 2).await;
+        let held = first
+            .renew(&held, Duration::from_secs(60))
+            .await
+            .expect("renew");
+        let delay = Duration::from_secs(3);
+        tokio::time::sleep_until(queued_at + fallback - Duration::from_millis(1500)).await;
+        proxy.set(Fault::Delay(delay));
+        tokio::time::sleep_until(queued_at + fallback - Duration::from_secs(1)).await;
+        first.release(&held).await.expect("release");
+        let released_at = Instant::now();
+        // After the fallback attempt went out, and before its (and the undo's, and the
+        // next attempt's) requests reach the server; the hand-off message stays
+        // delayed.
+        tokio::time::sleep_until(queued_at + fallback + Duration::from_secs(1)).await;
+        proxy.set(Fault::Pass);
+        assert!(
+            Instant::now() < released_at + delay,
+            "setup too slow: the hand-off message passed before the fallback attempt"
+        );
+        let taken = taken
+            .await
+            .expect("other waiter task")
+            .expect("handed over by the undo");
+        let mut waiting = waiting;
+        let hold_until = released_at + delay + Duration::from_secs(3);
+        let early = tokio::select! {
+            finished = &mut waiting => Some(finished.expect("waiter task")),
+            () = tokio::time::sleep_until(hold_until) => None,
+        };
+        if let Some((result, at)) = early {
+            let still_held = other.inspect(&lock).await.expect("inspect");
+            panic!(
+                "the waiter got {result:?} {:?} after the first release while the other \
+                 client held the lock (token {}, server says {still_held:?})",
+                at - released_at,
+                taken.token()
+            );
+        }
+        other
+            .release(&taken)
+            .await
+            .expect("the other client still held");
+        let other_released_at = Instant::now();
+        let (result, at) = waiting.await.expect("waiter task");
+        let lease = result.expect("handed over after the other client's release");
+        assert!(
+            lease.token() > taken.token(),
+            "token {} after {}",
+            lease.token(),
+            taken.token()
+        );
+        assert!(at >= other_released_at);
+    })
+    .await;
+}
