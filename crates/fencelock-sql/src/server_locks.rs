@@ -13,7 +13,9 @@ use fencelock_core::{
 use sqlx::Pool;
 
 use crate::lease::{Dialect, LeaseStore};
-use crate::session_table::{SESSION_CHECK_EVERY, ServerSession, SessionLocks, SessionStatements};
+use crate::session_table::{
+    HeldBy, SESSION_CHECK_EVERY, ServerSession, SessionLocks, SessionStatements,
+};
 
 /// Why a session-mode attempt failed.
 #[derive(Debug)]
@@ -72,13 +74,13 @@ pub(crate) trait SessionMode: SessionStatements<Conn: 'static> + Sized + 'static
         pool: &Pool<Self::Db>,
     ) -> impl Future<Output = Result<ServerSession, sqlx::Error>> + Send;
 
-    /// Which of `sessions` the server still runs (one statement on a connection of
-    /// `pool`).
+    /// Which of `held` (locks and the server sessions that took them) the server
+    /// still has, as far as it can tell: one statement on a connection of `pool`.
     fn alive(
         &self,
         pool: &Pool<Self::Db>,
-        sessions: &[ServerSession],
-    ) -> impl Future<Output = Result<Vec<ServerSession>, sqlx::Error>> + Send;
+        held: &[HeldBy],
+    ) -> impl Future<Output = Result<Vec<HeldBy>, sqlx::Error>> + Send;
 }
 
 /// The locks of a server backend, in lease or session mode.
@@ -95,8 +97,8 @@ struct Session<S: SessionMode> {
     queries: Arc<S>,
 }
 
-/// Every [`SESSION_CHECK_EVERY`] while locks are held, asks the server which of the
-/// server sessions holding them still exist and reports the locks of the others lost
+/// Every [`SESSION_CHECK_EVERY`] while locks are held, asks the server whether the
+/// server sessions holding them still do, and reports the locks of the others lost
 /// at once (see [`SessionLocks::sessions_ended`]). Ends when nothing is held.
 async fn check_sessions<S: SessionMode>(
     locks: Arc<SessionLocks<S::Conn>>,

@@ -21,10 +21,10 @@
 //! - a lease's validity is at most that idle timeout from when its grant or last
 //!   probe was sent, whatever the TTL;
 //! - every [`SESSION_CHECK_EVERY`] one statement on a pool connection asks the server
-//!   which of the server sessions holding locks for at least that long still exist
-//!   ([`SessionLocks::check_sessions`]); the locks of any that ended are reported lost
-//!   at once, as a [`StoreEvent::LeaseLost`] the client's watchdog hears, instead of at
-//!   the next probe (up to ttl/3 later).
+//!   whether the server sessions of the locks held for at least that long still hold
+//!   them ([`SessionLocks::sessions_to_check`]); the locks of any that do not are
+//!   reported lost at once, as a [`StoreEvent::LeaseLost`] the client's watchdog
+//!   hears, instead of at the next probe (up to ttl/3 later).
 //!
 //! sqlx offers no way to wait for the end of an idle connection's stream (only
 //! `PgListener` reads while idle, on a pool connection of its own), so the end of a
@@ -50,6 +50,9 @@ use tokio::time::Instant;
 /// checked once it has been held this long, so a session that ends is reported lost
 /// at most twice this (plus a round trip) after it ended.
 pub(crate) const SESSION_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A held lock's key and the server session holding it, for the session check.
+pub(crate) type HeldBy = (String, ServerSession);
 
 /// Events kept for a watchdog that has not read them yet; one that falls further
 /// behind renews everything at once.
@@ -142,10 +145,10 @@ pub(crate) struct SessionLocks<C> {
     idle: Mutex<Vec<(C, ServerSession)>>,
     /// The most connections `idle` keeps.
     idle_max: usize,
-    /// Losses learned by [`check_sessions`](Self::check_sessions).
+    /// Losses learned by the session check ([`sessions_ended`](Self::sessions_ended)).
     events: broadcast::Sender<StoreEvent>,
-    /// Whether a task runs [`check_sessions`](Self::check_sessions); changed only
-    /// with `held` locked, so a grant and the task's end cannot miss each other.
+    /// Whether the session check task runs; changed only with `held` locked, so a
+    /// grant and the task's end cannot miss each other.
     checking: std::sync::atomic::AtomicBool,
 }
 
@@ -245,7 +248,7 @@ impl<C: Connection + 'static> SessionLocks<C> {
         }
     }
 
-    /// A new receiver of the losses [`check_sessions`](Self::check_sessions) finds.
+    /// A new receiver of the losses the session check finds.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
     }
@@ -259,10 +262,11 @@ impl<C: Connection + 'static> SessionLocks<C> {
             .swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The server sessions of the locks held for at least [`SESSION_CHECK_EVERY`],
-    /// for the session check task; `None` once nothing is held, when the task must
-    /// end (it is marked stopped, so the next grant starts another).
-    pub(crate) fn sessions_to_check(&self) -> Option<Vec<ServerSession>> {
+    /// The keys and server sessions of the locks held for at least
+    /// [`SESSION_CHECK_EVERY`], for the session check task; `None` once nothing is
+    /// held, when the task must end (it is marked stopped, so the next grant starts
+    /// another).
+    pub(crate) fn sessions_to_check(&self) -> Option<Vec<HeldBy>> {
         let table = locked(&self.held);
         if table.is_empty() {
             self.checking
@@ -270,23 +274,26 @@ impl<C: Connection + 'static> SessionLocks<C> {
             return None;
         }
         let now = Instant::now();
-        let mut sessions: Vec<ServerSession> = table
+        let mut sessions: Vec<HeldBy> = table
             .values()
             .filter(|held| held.taken + SESSION_CHECK_EVERY <= now)
-            .map(|held| held.session)
+            .map(|held| (held.key.clone(), held.session))
             .collect();
-        sessions.sort_by_key(|session| (session.id, session.started));
+        sessions.sort_by(|(a, x), (b, y)| (a, x.id, x.started).cmp(&(b, y.id, y.started)));
         sessions.dedup();
         Some(sessions)
     }
 
-    /// Ends every held lock whose server session was among `checked` but is not in
-    /// `alive` (the server said it no longer exists): forgets it, closes its
+    /// Ends every held lock that was among `checked` but is not in `alive` (the
+    /// server said its session no longer holds it): forgets it, closes its
     /// connection, and tells the watchdog it is lost.
-    pub(crate) async fn sessions_ended(&self, checked: &[ServerSession], alive: &[ServerSession]) {
+    pub(crate) async fn sessions_ended(&self, checked: &[HeldBy], alive: &[HeldBy]) {
         let ended: Vec<(String, Arc<Held<C>>)> = locked(&self.held)
             .iter()
-            .filter(|(_, held)| checked.contains(&held.session) && !alive.contains(&held.session))
+            .filter(|(_, held)| {
+                let by = (held.key.clone(), held.session);
+                checked.contains(&by) && !alive.contains(&by)
+            })
             .map(|(owner, held)| (owner.clone(), Arc::clone(held)))
             .collect();
         for (owner, held) in ended {

@@ -1111,3 +1111,35 @@ async fn session_mode_a_killed_holder_session_is_reported_lost_within_seconds_no
     })
     .await;
 }
+
+/// In session mode a server restart ends every held lock's session, and the holder is
+/// told its lock is lost within seconds of the server's return (the backend's check
+/// of the held locks' sessions), not at the watchdog's next probe, ttl/3 = 20 s after
+/// the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_a_server_restart_is_reported_lost_within_seconds_of_its_return() {
+    bounded(async {
+        let mut server = server().await;
+        let holder = Locker::new(
+            MySqlBackend::open(&format!("{}?mode=session", server.url()))
+                .await
+                .unwrap(),
+        );
+        let guard = holder.lock("restart").ttl(MINUTE).await.unwrap();
+        let lost = guard.lost();
+        let lost = tokio::spawn(async move { (lost.await, Instant::now()) });
+        server.restart(true).await.unwrap();
+        let back = Instant::now();
+        let (err, lost_at) = tokio::time::timeout(Duration::from_secs(5), lost)
+            .await
+            .expect("reported lost within 5 s of the server's return, not at the next probe")
+            .unwrap();
+        assert!(err.is_lost(), "{err:?}");
+        assert!(!guard.is_held());
+        eprintln!(
+            "lost reported {:?} after the server was back",
+            lost_at.saturating_duration_since(back)
+        );
+    })
+    .await;
+}

@@ -101,10 +101,11 @@ const LOCK_CONFLICT_RETRIES: u32 = 5;
 /// - a lease's validity is at most `wait_timeout` from when its grant or last probe
 ///   was sent, even where the TTL is longer;
 /// - once a second, while locks are held, one statement on a pool connection asks
-///   `information_schema.PROCESSLIST` which of the sessions holding them (held for a
-///   second or more) still exist; the locks of any that ended are reported lost at
-///   once through [`LockBackend::events`], so a guard's `lost()` resolves within about
-///   1–2 s of the session's end instead of at the next probe.
+///   `IS_USED_LOCK` whether the sessions holding them (held for a second or more)
+///   still do; the locks of any that do not are reported lost at once through
+///   [`LockBackend::events`], so a guard's `lost()` resolves within about 1–2 s of
+///   the session's end (or of the server's return after a restart) instead of at the
+///   next probe.
 ///
 /// What remains: between the session's end and that report, this client may believe
 /// it holds a lock that another client already holds. Only the fencing token

@@ -33,9 +33,10 @@
 //! TTL (and the lease's validity) runs from when the lock statement returned. The
 //! statement that learns a fresh connection's `CONNECTION_ID()` also reads its
 //! `wait_timeout`, which bounds the TTLs accepted and the validity promised (see
-//! [`crate::session_table`]); the sessions of held locks are checked in the process
-//! list once a second.
+//! [`crate::session_table`]); once a second `IS_USED_LOCK` tells whether the
+//! sessions of held locks still hold them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ use tokio::time::Instant;
 use super::STORE;
 use crate::in_flight::end_dropped_wait;
 use crate::server_locks::{SessionError, SessionMode};
-use crate::session_table::{ServerSession, SessionConn, SessionStatements};
+use crate::session_table::{HeldBy, ServerSession, SessionConn, SessionStatements};
 
 /// The statements of session mode on one lease table.
 #[derive(Debug)]
@@ -61,14 +62,19 @@ pub(crate) struct SessionQueries {
     unlock: String,
     holder_session: String,
     clear_owner: String,
+    /// `IS_USED_LOCK` of the key in column `held.k`.
+    held_by: String,
     pub(crate) holder: String,
 }
 
 impl SessionQueries {
     pub(crate) fn new(table: &str) -> Self {
-        let lock = format!(
-            "CONCAT('fencelock:', LEFT(SHA2(CONCAT(DATABASE(), '/', '{table}', '/', ?), 256), 54))"
-        );
+        let lock_of = |key: &str| {
+            format!(
+                "CONCAT('fencelock:', LEFT(SHA2(CONCAT(DATABASE(), '/', '{table}', '/', {key}), 256), 54))"
+            )
+        };
+        let lock = lock_of("?");
         let now =
             "CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) AS SIGNED)";
         Self {
@@ -117,6 +123,7 @@ FOR UPDATE"
             clear_owner: format!(
                 "UPDATE `{table}` SET owner = NULL WHERE name = ? AND owner = ? AND token = ?"
             ),
+            held_by: format!("IS_USED_LOCK({})", lock_of("held.k")),
             // ? key, ? key. The recorded holder, if some session holds the lock now.
             holder: format!(
                 "SELECT owner, token FROM `{table}`
@@ -471,27 +478,34 @@ impl SessionMode for SessionQueries {
         identify(&mut *pool.acquire().await?).await
     }
 
-    /// The sessions among `sessions` that the process list still shows (and not as
-    /// killed), 1,000 per statement.
-    async fn alive(
-        &self,
-        pool: &MySqlPool,
-        sessions: &[ServerSession],
-    ) -> Result<Vec<ServerSession>, sqlx::Error> {
+    /// The locks among `held` that their server session still holds, per
+    /// `IS_USED_LOCK` (connection ids start again from 1 when the server restarts, so
+    /// the id alone is not enough), 1,000 per statement.
+    async fn alive(&self, pool: &MySqlPool, held: &[HeldBy]) -> Result<Vec<HeldBy>, sqlx::Error> {
         let mut alive = Vec::new();
         let mut conn = pool.acquire().await?;
-        for chunk in sessions.chunks(1000) {
-            let ids = vec!["?"; chunk.len()].join(", ");
+        for chunk in held.chunks(1000) {
+            let keys = " UNION ALL SELECT ?".repeat(chunk.len() - 1);
             let sql = format!(
-                "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
-                 WHERE ID IN ({ids}) AND COMMAND <> 'Killed'"
+                "SELECT held.k, CAST(COALESCE({}, 0) AS SIGNED) FROM (SELECT ? AS k{keys}) AS held",
+                self.held_by
             );
-            let mut query = sqlx::query_scalar::<_, i64>(&sql);
-            for session in chunk {
-                query = query.bind(session.id);
+            let mut query = sqlx::query_as::<_, (Vec<u8>, i64)>(&sql);
+            for (key, _) in chunk {
+                query = query.bind(key.as_bytes());
             }
-            let listed = query.persistent(false).fetch_all(&mut *conn).await?;
-            alive.extend(chunk.iter().filter(|session| listed.contains(&session.id)));
+            let holders: HashMap<Vec<u8>, i64> = query
+                .persistent(false)
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .collect();
+            alive.extend(
+                chunk
+                    .iter()
+                    .filter(|(key, session)| holders.get(key.as_bytes()) == Some(&session.id))
+                    .cloned(),
+            );
         }
         Ok(alive)
     }

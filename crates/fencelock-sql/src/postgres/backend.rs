@@ -99,7 +99,8 @@ use crate::{PostgresConfig, PostgresFenceGate};
 ///   `pg_stat_activity` which of the sessions holding them (held for a second or
 ///   more) still exist, by pid and `backend_start`; the locks of any that ended are
 ///   reported lost at once through [`LockBackend::events`], so a guard's `lost()`
-///   resolves within about 1–2 s of the session's end instead of at the next probe.
+///   resolves within about 1–2 s of the session's end (or of the server's return
+///   after a restart) instead of at the next probe.
 ///
 /// What remains: between the session's end and that report, this client may believe
 /// it holds a lock that another client already holds. Only the fencing token

@@ -50,7 +50,7 @@ use tokio::time::Instant;
 use super::STORE;
 use crate::in_flight::end_dropped_wait;
 use crate::server_locks::{SessionError, SessionMode};
-use crate::session_table::{ServerSession, SessionConn, SessionStatements};
+use crate::session_table::{HeldBy, ServerSession, SessionConn, SessionStatements};
 
 /// The statements of session mode on one lease table.
 #[derive(Debug)]
@@ -495,16 +495,13 @@ impl SessionMode for SessionQueries {
         identify(&mut *pool.acquire().await?, self).await
     }
 
-    /// The sessions among `sessions` that `pg_stat_activity` still lists, with the
-    /// same `backend_start` (a pid may be reused).
-    async fn alive(
-        &self,
-        pool: &PgPool,
-        sessions: &[ServerSession],
-    ) -> Result<Vec<ServerSession>, sqlx::Error> {
-        let pids: Vec<i32> = sessions
+    /// The locks among `held` whose server session `pg_stat_activity` still lists,
+    /// with the same `backend_start` (a pid may be reused): a session holds its
+    /// advisory locks until it ends or we unlock them.
+    async fn alive(&self, pool: &PgPool, held: &[HeldBy]) -> Result<Vec<HeldBy>, sqlx::Error> {
+        let pids: Vec<i32> = held
             .iter()
-            .filter_map(|session| i32::try_from(session.id).ok())
+            .filter_map(|(_, session)| i32::try_from(session.id).ok())
             .collect();
         let listed: Vec<(i32, i64)> = sqlx::query_as(
             "SELECT pid, COALESCE((extract(epoch FROM backend_start) * 1000000)::bigint, 0) \
@@ -513,15 +510,15 @@ impl SessionMode for SessionQueries {
         .bind(pids)
         .fetch_all(pool)
         .await?;
-        Ok(sessions
+        Ok(held
             .iter()
-            .filter(|session| {
+            .filter(|(_, session)| {
                 listed.iter().any(|(pid, started)| {
                     i64::from(*pid) == session.id
                         && (session.started == 0 || *started == session.started)
                 })
             })
-            .copied()
+            .cloned()
             .collect())
     }
 
