@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod backoff;
 mod capabilities;
 mod error;
 mod gate;
@@ -29,6 +30,7 @@ pub mod wake;
 mod watchdog;
 
 pub use backend::{LockBackend, StoreEvent};
+pub use backoff::{Backoff, BackoffConfig, RetryPolicy};
 pub use capabilities::{Capabilities, LeaseKind, WaitKind};
 pub use error::{BoxError, Error, LossReason, Result};
 pub use gate::{FenceGate, MemoryFenceGate};
